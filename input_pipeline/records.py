@@ -1,0 +1,284 @@
+"""What is one training record on disk, and how is it read back safely?
+
+One post = one `tf.train.Example` (built with tfds's generated proto, parsed with
+tfds's NumPy parser: no TensorFlow needed). Records are framed as TFRecord files
+(length, masked CRC32C of the length, payload, masked CRC32C of the payload), so
+TensorFlow's `tf.data.TFRecordDataset` reads the shards too. Each shard has an
+offsets sidecar (`<shard>.index`, int64 little-endian) for random access, and a
+dataset directory has one `metadata.json` describing all splits.
+
+Schema (missing values are filled on parse, see `parse`):
+  post_id        bytes            the original post id
+  user           int64            user index in [0, num_users)
+  tokens         int64[MAX_LEN]   token ids, 0 = padding
+  text_mask      int64[MAX_LEN]   1 where tokens holds a word
+  text_hash      int64            hash of the cleaned text (duplicate-aware negatives)
+  image_mask     int64            1 when the post has an image
+  image_id       int64            unique-image index, -1 when no image
+  image_features float[F]         frozen-CNN features (optional)
+  image_encoded  bytes            PNG/JPEG bytes (optional)
+  timestamp      int64            unix seconds
+  topic          int64            planted/known topic, -1 when unknown
+"""
+
+import hashlib
+import io
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import google_crc32c
+import numpy as np
+from PIL import Image
+from tensorflow_datasets.core import example_parser
+from tensorflow_datasets.core.features import feature as feature_lib
+from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+MAX_LEN = 20
+PAD_ID = 0
+UNK_ID = 1
+METADATA_FILE = "metadata.json"
+SPLITS = ("train", "validation", "test")
+FORMAT_VERSION = 1
+
+_MASK_DELTA = 0xA282EAD8
+_HEADER = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+
+
+class CorruptRecordError(IOError):
+  """A shard failed its framing or CRC check; the message names file and record."""
+
+
+# ------------------------------------------------------------------ framing --
+
+def masked_crc(data: bytes) -> int:
+  """TFRecord's masked CRC32C: rotate right by 15 and add a constant."""
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(payload: bytes) -> bytes:
+  """One TFRecord frame around `payload`."""
+  header = _HEADER.pack(len(payload))
+  return (header + _CRC.pack(masked_crc(header)) + payload
+          + _CRC.pack(masked_crc(payload)))
+
+
+def write_shard(path: str, payloads: Iterable[bytes]) -> int:
+  """Writes framed records and the `.index` offsets sidecar; returns the count."""
+  offsets = []
+  with open(path, "wb") as f:
+    for payload in payloads:
+      offsets.append(f.tell())
+      f.write(frame(payload))
+  np.asarray(offsets, dtype="<i8").tofile(path + ".index")
+  return len(offsets)
+
+
+def read_framed(fd: int, offset: int, path: str, index: int) -> bytes:
+  """Reads and CRC-checks the record at byte `offset` of an open shard."""
+  head = os.pread(fd, 12, offset)
+  if len(head) < 12:
+    raise CorruptRecordError(f"{path}: record {index} truncated (header)")
+  if _CRC.unpack(head[8:])[0] != masked_crc(head[:8]):
+    raise CorruptRecordError(f"{path}: record {index} has a bad length CRC")
+  (length,) = _HEADER.unpack(head[:8])
+  body = os.pread(fd, length + 4, offset + 12)
+  if len(body) < length + 4:
+    raise CorruptRecordError(f"{path}: record {index} truncated (payload)")
+  payload = body[:length]
+  if _CRC.unpack(body[length:])[0] != masked_crc(payload):
+    raise CorruptRecordError(f"{path}: record {index} has a bad payload CRC")
+  return payload
+
+
+# ------------------------------------------------------------------ schema --
+
+def text_hash(tokens: Sequence[int]) -> int:
+  """Stable signed 64-bit hash of a token sequence (0 for an empty text)."""
+  tokens = [int(t) for t in tokens if t != PAD_ID]
+  if not tokens:
+    return 0
+  digest = hashlib.blake2b(np.asarray(tokens, "<i8").tobytes(), digest_size=8)
+  return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def pad_tokens(tokens: Sequence[int], max_len: int = MAX_LEN) -> np.ndarray:
+  """Truncates/pads token ids to `[max_len]` with PAD_ID."""
+  out = np.full([max_len], PAD_ID, np.int64)
+  tokens = np.asarray(tokens, np.int64)[:max_len]
+  out[:len(tokens)] = tokens
+  return out
+
+
+def _int64(values) -> tf_feature_pb2.Feature:
+  return tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(
+      value=np.atleast_1d(values).astype(np.int64).tolist()))
+
+
+def _float(values) -> tf_feature_pb2.Feature:
+  return tf_feature_pb2.Feature(float_list=tf_feature_pb2.FloatList(
+      value=np.asarray(values, np.float32).ravel().tolist()))
+
+
+def _bytes(value: bytes) -> tf_feature_pb2.Feature:
+  return tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[value]))
+
+
+def serialize(post: Mapping) -> bytes:
+  """A post dict (keys of the schema; optional ones may be absent) -> Example bytes."""
+  tokens = pad_tokens(post.get("tokens", ()))
+  feats = {
+      "post_id": _bytes(str(post["post_id"]).encode("utf-8")),
+      "user": _int64(post["user"]),
+      "tokens": _int64(tokens),
+      "text_mask": _int64(tokens != PAD_ID),
+      "text_hash": _int64(text_hash(tokens)),
+      "image_id": _int64(post.get("image_id", -1)),
+      "timestamp": _int64(post.get("timestamp", 0)),
+      "topic": _int64(post.get("topic", -1)),
+  }
+  has_image = post.get("image_id", -1) >= 0
+  feats["image_mask"] = _int64(int(has_image))
+  if has_image and post.get("image_features") is not None:
+    feats["image_features"] = _float(post["image_features"])
+  if has_image and post.get("image_encoded") is not None:
+    feats["image_encoded"] = _bytes(post["image_encoded"])
+  example = tf_example_pb2.Example(
+      features=tf_feature_pb2.Features(feature=feats))
+  return example.SerializeToString()
+
+
+def _spec(shape, dtype) -> feature_lib.TensorInfo:
+  return feature_lib.TensorInfo(shape=shape, dtype=dtype)
+
+
+class Parser:
+  """Example bytes -> dict of NumPy arrays with fixed shapes (defaults filled in).
+
+  feature_dim: length of `image_features` (0: not used); image_size: side of
+  the decoded RGB `image` (0: not decoded). Posts without an image get zeros.
+  """
+
+  def __init__(self, feature_dim: int = 0, image_size: int = 0):
+    self.feature_dim = feature_dim
+    self.image_size = image_size
+    specs = {
+        "post_id": _spec((), np.object_),
+        "user": _spec((), np.int64),
+        "tokens": _spec((MAX_LEN,), np.int64),
+        "text_mask": _spec((MAX_LEN,), np.int64),
+        "text_hash": _spec((), np.int64),
+        "image_mask": _spec((), np.int64),
+        "image_id": _spec((), np.int64),
+        "timestamp": _spec((), np.int64),
+        "topic": _spec((), np.int64),
+    }
+    if feature_dim:
+      specs["image_features"] = _spec((feature_dim,), np.float32)
+    if image_size:
+      specs["image_encoded"] = _spec((), np.object_)
+    self._parser = example_parser.ExampleParserNp(specs)
+
+  def __call__(self, payload: bytes) -> dict[str, np.ndarray]:
+    ex = dict(self._parser.parse_example(payload))
+    out = {
+        "post_id": ex["post_id"],
+        "user": np.int32(ex["user"]),
+        "tokens": ex["tokens"].astype(np.int32),
+        "text_mask": ex["text_mask"].astype(bool),
+        "text_hash": np.int64(ex["text_hash"]),
+        "image_mask": bool(ex["image_mask"]),
+        "image_id": np.int64(ex["image_id"]),
+        "timestamp": np.int64(ex["timestamp"]),
+        "topic": np.int32(ex["topic"]),
+    }
+    if self.feature_dim:
+      out["image_features"] = np.asarray(
+          ex.get("image_features", np.zeros(self.feature_dim)), np.float32)
+    if self.image_size:
+      encoded = ex.get("image_encoded")
+      out["image"] = (decode_image(encoded, self.image_size) if encoded
+                      else np.zeros([self.image_size] * 2 + [3], np.uint8))
+    return out
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] -> PNG bytes."""
+  buf = io.BytesIO()
+  Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes -> uint8 [size, size, 3] (RGB, resized)."""
+  with Image.open(io.BytesIO(data)) as img:
+    img = img.convert("RGB")
+    if img.size != (size, size):
+      img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, np.uint8)
+
+
+# ---------------------------------------------------------------- metadata --
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def write_split(directory: str, split: str, posts: Iterable[Mapping],
+                num_shards: int) -> dict:
+  """Writes posts round-robin into `num_shards` shards; returns the split's metadata."""
+  buckets = [[] for _ in range(num_shards)]
+  for i, post in enumerate(posts):
+    buckets[i % num_shards].append(serialize(post))
+  shards, counts = [], []
+  for i, payloads in enumerate(buckets):
+    name = shard_name(split, i, num_shards)
+    counts.append(write_shard(os.path.join(directory, name), payloads))
+    shards.append(name)
+  return {"num_posts": int(sum(counts)), "shards": shards, "shard_sizes": counts}
+
+
+def write_metadata(directory: str, metadata: Mapping) -> None:
+  with open(os.path.join(directory, METADATA_FILE), "w") as f:
+    json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=1)
+
+
+def read_metadata(directory: str) -> dict:
+  path = os.path.join(directory, METADATA_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {directory!r} is not a prepared dataset "
+        "(make one with launch/prepare_data.py)")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version {meta.get('format_version')} "
+                     f"is not {FORMAT_VERSION}")
+  return meta
+
+
+class ShardReader:
+  """Random access to the records of some shards: len() and [i] -> payload bytes."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+    self._offsets = [np.fromfile(p + ".index", dtype="<i8") for p in self.paths]
+    self._starts = np.cumsum([0] + [len(o) for o in self._offsets])
+    self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> bytes:
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    local = int(index - self._starts[shard])
+    return read_framed(self._fds[shard], int(self._offsets[shard][local]),
+                       self.paths[shard], local)
+
+  def close(self) -> None:
+    for fd in self._fds:
+      os.close(fd)
+    self._fds = []

@@ -1,0 +1,79 @@
+"""How is one modality embedded?
+
+Each encoder maps its input to the common space [B, D], L2-normalised, so a dot
+product is the cosine similarity of the DU2MCE loss.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+  """x / ||x|| along the last axis (zero vectors stay zero)."""
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class FeatureImageEncoder(nn.Module):
+  """Frozen-CNN features [B, F] -> Dense -> [B, D]."""
+  embed_dim: int
+
+  @nn.compact
+  def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(features))
+
+
+class PixelImageEncoder(nn.Module):
+  """A small CNN for RGB pixels uint8 [B, H, W, 3] -> [B, D]."""
+  embed_dim: int
+  channels: Sequence[int] = (32, 64, 128)
+
+  @nn.compact
+  def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
+    x = pixels.astype(jnp.float32) / 127.5 - 1.0
+    for i, c in enumerate(self.channels):
+      x = nn.relu(nn.Conv(c, (3, 3), name=f"conv{i}")(x))
+      if i < len(self.channels) - 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(x))
+
+
+class KimCNNTextEncoder(nn.Module):
+  """Kim's sentence CNN: tokens [B, L] -> [B, D].
+
+  Word embeddings [V, word_dim]; parallel 1-D convolutions of the given widths
+  (ReLU), max over the time steps that start inside the text, concatenated,
+  then a Dense projection. Padding positions contribute zero vectors.
+  """
+  vocab_size: int
+  embed_dim: int
+  word_dim: int = 300
+  widths: Sequence[int] = (2, 3, 4)
+  filters: Sequence[int] = (512, 256, 256)
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    x = nn.Embed(self.vocab_size, self.word_dim, name="word_embed")(tokens)
+    x = x * mask[..., None]
+    pooled = []
+    for width, n in zip(self.widths, self.filters):
+      padded = jnp.pad(x, ((0, 0), (0, width - 1), (0, 0)))
+      h = nn.relu(nn.Conv(n, (width,), padding="VALID", name=f"conv{width}")(padded))
+      h = jnp.where(mask[..., None], h, -jnp.inf).max(axis=1)       # [B, n]
+      pooled.append(jnp.where(jnp.isfinite(h), h, 0.0))            # empty texts -> 0
+    h = jnp.concatenate(pooled, axis=-1)
+    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(h))
+
+
+class UserEncoder(nn.Module):
+  """User index [B] -> embedding table [K, user_dim] -> Dense -> [B, D]."""
+  num_users: int
+  embed_dim: int
+  user_dim: int = 300
+
+  @nn.compact
+  def __call__(self, users: jnp.ndarray) -> jnp.ndarray:
+    x = nn.Embed(self.num_users, self.user_dim, name="user_embed")(users)
+    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(x))

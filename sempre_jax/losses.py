@@ -1,0 +1,102 @@
+"""What is being optimised, equation by equation?
+
+DU2MCE (Sikka et al. 2019), with cosine similarity S (embeddings are
+L2-normalised, so S(x, y) = x . y) and margin m:
+
+  Eq. 1   L = l1 / N_TU * L_TU + l2 / N_IT * L_IT + (1 - l1 - l2) / N_IU * L_IU
+  Eq. 2-4 L_XY = sum over positive pairs (x, y) of
+                   sum_{y-} [m - S(x, y) + S(x, y-)]_+  +  sum_{x-} [m - S(x, y) + S(x-, y)]_+
+
+N_XY is the number of positive (x, y) pairs in the global batch: posts that carry
+both modalities. Negatives are the other posts of the global batch ("all", Eq. 4)
+or only the hardest one per anchor and direction ("hardest", VSE++). A candidate
+that shares the anchor's text hash, image id or user (for the two modalities of
+the term) is an accidental hit, never a negative. A term with no positive pair
+contributes 0.
+
+The loss is written per device: each device holds its local anchors [b, D] and
+sees the candidates of the whole global batch [G, D] through an all-gather over
+`axis_name` (None: a single device, local = global).
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+TERMS = {"tu": ("text", "user"), "it": ("image", "text"), "iu": ("image", "user")}
+IDENTITY_KEY = {"text": "text_hash", "image": "image_id", "user": "user"}
+MINING = ("all", "hardest")
+
+
+def term_weights(l1: float, l2: float) -> dict[str, float]:
+  """(l1, l2) -> weights of the TU, IT, IU terms (Eq. 1), validated."""
+  if not (0 <= l1 <= 1 and 0 <= l2 <= 1 and l1 + l2 <= 1 + 1e-9):
+    raise ValueError(f"loss weights need l1, l2 in [0, 1] and l1 + l2 <= 1; "
+                     f"got l1={l1}, l2={l2}")
+  return {"tu": l1, "it": l2, "iu": max(0.0, 1.0 - l1 - l2)}
+
+
+def presence(batch: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+  """Which modalities each post carries: {modality: [B] bool}."""
+  return {"text": batch["text_mask"].any(axis=-1),
+          "image": batch["image_mask"].astype(bool),
+          "user": jnp.ones(batch["user"].shape, bool)}
+
+
+def hinge(anchors, positives, candidates, anchor_valid, neg_valid, margin: float,
+          mining: str) -> jnp.ndarray:
+  """One direction of Eq. 4 per anchor.
+
+  anchors, positives: [b, D]; candidates: [G, D]; anchor_valid: [b];
+  neg_valid: [b, G]. Returns [b]: sum (or max) over valid negatives of
+  [m - S(a, p) + S(a, c)]_+, zero for invalid anchors.
+  """
+  pos = jnp.sum(anchors * positives, axis=-1)
+  cost = jax.nn.relu(margin - pos[:, None] + anchors @ candidates.T)
+  cost = jnp.where(neg_valid, cost, 0.0)
+  per_anchor = cost.sum(axis=-1) if mining == "all" else cost.max(axis=-1)
+  return jnp.where(anchor_valid, per_anchor, 0.0)
+
+
+def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray], *,
+                lambdas: tuple[float, float], margin: float, mining: str,
+                axis_name: str | None = None):
+  """Eq. 1 for the local anchors, negatives from the global batch.
+
+  emb: {"text", "image", "user"} -> [b, D] local embeddings; batch: the local
+  batch (needs tokens' text_mask, image_mask, user, text_hash, image_id).
+  Returns (loss, metrics): the local share of the global loss (summing it over
+  devices gives Eq. 1) and psum'ed sums/counts per term.
+  """
+  if mining not in MINING:
+    raise ValueError(f"loss.mining must be one of {MINING}, got {mining!r}")
+  weights = term_weights(*lambdas)
+  if axis_name is None:
+    gather = lambda x: x
+    psum = lambda x: x
+  else:
+    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+    psum = lambda x: jax.lax.psum(x, axis_name)
+
+  has = presence(batch)
+  keys = {m: batch[IDENTITY_KEY[m]] for m in IDENTITY_KEY}
+  g_emb = {m: gather(e) for m, e in emb.items()}
+  g_has = {m: gather(h) for m, h in has.items()}
+  g_keys = {m: gather(k) for m, k in keys.items()}
+
+  loss, metrics = 0.0, {}
+  for term, (a, b) in TERMS.items():
+    valid = has[a] & has[b]
+    not_hit = ((keys[a][:, None] != g_keys[a][None, :])
+               & (keys[b][:, None] != g_keys[b][None, :]))
+    total = (hinge(emb[a], emb[b], g_emb[b], valid, not_hit & g_has[b][None, :],
+                   margin, mining)
+             + hinge(emb[b], emb[a], g_emb[a], valid, not_hit & g_has[a][None, :],
+                     margin, mining)).sum()
+    pairs = psum(valid.sum())
+    loss += weights[term] * total / jnp.maximum(pairs, 1)
+    metrics[f"{term}_loss_sum"] = psum(total)
+    metrics[f"{term}_pairs"] = pairs
+  metrics["loss"] = psum(loss)
+  return loss, metrics

@@ -1,0 +1,70 @@
+"""How are the towers wired?
+
+DU2MCE: three independent towers (text, image, user) into one D-dim space.
+"""
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from sempre_jax import encoders
+
+MODALITIES = ("text", "image", "user")
+
+
+class DU2MCE(nn.Module):
+  """Text, image and user towers; `__call__` embeds every modality of a batch."""
+  num_users: int
+  vocab_size: int
+  embed_dim: int = 1024
+  word_dim: int = 300
+  user_dim: int = 300
+  text_widths: tuple = (2, 3, 4)
+  text_filters: tuple = (512, 256, 256)
+  image_input: str = "features"   # or "pixels"
+
+  def setup(self):
+    self.text = encoders.KimCNNTextEncoder(
+        self.vocab_size, self.embed_dim, self.word_dim, self.text_widths,
+        self.text_filters)
+    if self.image_input == "features":
+      self.image = encoders.FeatureImageEncoder(self.embed_dim)
+    elif self.image_input == "pixels":
+      self.image = encoders.PixelImageEncoder(self.embed_dim)
+    else:
+      raise ValueError(f"model.image_input must be 'features' or 'pixels', "
+                       f"got {self.image_input!r}")
+    self.user = encoders.UserEncoder(self.num_users, self.embed_dim, self.user_dim)
+
+  def embed_text(self, tokens, text_mask):
+    return self.text(tokens, text_mask)
+
+  def embed_image(self, image):
+    return self.image(image)
+
+  def embed_user(self, users):
+    return self.user(users)
+
+  def __call__(self, batch: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """Batch dict -> {"text", "image", "user"}: [B, D] each."""
+    return {
+        "text": self.embed_text(batch["tokens"], batch["text_mask"]),
+        "image": self.embed_image(batch[image_key(self.image_input)]),
+        "user": self.embed_user(batch["user"]),
+    }
+
+
+def image_key(image_input: str) -> str:
+  """The batch key that holds the image input of this kind."""
+  return "image_features" if image_input == "features" else "image"
+
+
+def build_model(config: ml_collections.ConfigDict, metadata: Mapping) -> DU2MCE:
+  """The model of `config.model` sized for a dataset's metadata."""
+  return DU2MCE(
+      num_users=metadata["num_users"], vocab_size=metadata["vocab_size"],
+      embed_dim=config.embed_dim, word_dim=config.word_dim,
+      user_dim=config.user_dim, text_widths=tuple(config.text_widths),
+      text_filters=tuple(config.text_filters), image_input=config.image_input)
