@@ -195,11 +195,15 @@ class Parser:
         "timestamp": np.int64(ex["timestamp"]),
         "topic": np.int32(ex["topic"]),
     }
+    # tfds's parser fills absent keys with NaN/None: only trust present ones.
+    has = lambda key: out["image_mask"] and np.size(ex.get(key)) > 0 and \
+        not (isinstance(ex[key], float) or np.asarray(ex[key]).shape == ())
     if self.feature_dim:
-      out["image_features"] = np.asarray(
-          ex.get("image_features", np.zeros(self.feature_dim)), np.float32)
+      out["image_features"] = (np.asarray(ex["image_features"], np.float32)
+                               if has("image_features")
+                               else np.zeros([self.feature_dim], np.float32))
     if self.image_size:
-      encoded = ex.get("image_encoded")
+      encoded = ex.get("image_encoded") if out["image_mask"] else None
       out["image"] = (decode_image(encoded, self.image_size) if encoded
                       else np.zeros([self.image_size] * 2 + [3], np.uint8))
     return out

@@ -1,0 +1,27 @@
+"""Trains a model (resuming from the workdir's latest checkpoint) and evaluates it.
+
+  python launch/train.py --config=configs/du2mce.py [--workdir=DIR] [--config.x=y]
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sempre_jax import train
+
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and results "
+                    "(default: runs/<config file name>).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir or os.path.join("runs", name))
+
+
+if __name__ == "__main__":
+  app.run(main)

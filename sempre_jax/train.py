@@ -1,0 +1,254 @@
+"""How does one step run over all devices, and how is a run resumed?
+
+The step is per-device code with named-axis collectives (the pmap model),
+compiled with `jax.jit` over a ("data",) mesh through `jax.shard_map`: each
+device embeds its shard of the global batch, all-gathers the candidate
+embeddings so negatives come from the global batch, and computes the loss of
+its own anchors. Parameters are replicated, so `jax.grad` of the local loss
+share already returns the psum of the per-device gradients: the gradient of
+the global-batch loss (Eq. 1), identical to one device on the same batch.
+"""
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+
+from input_pipeline import loader, records, synthetic
+from sempre_jax import evaluation, losses, models
+
+AXIS = "data"
+
+
+# =================================================================== mesh ===
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D ("data",) mesh over the first `num_devices` devices (all by default)."""
+  devices = jax.devices()
+  if num_devices:
+    devices = devices[:num_devices]
+  return Mesh(np.array(devices), (AXIS,))
+
+
+def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
+  """This process's batch -> global arrays sharded over the data axis."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), dict(local_batch))
+
+
+# ============================================================ train state ===
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """Adam; the learning rate is divided by `lr_decay` every `lr_decay_epochs`."""
+  schedule = optax.exponential_decay(
+      config.learning_rate, transition_steps=config.lr_decay_epochs * steps_per_epoch,
+      decay_rate=1.0 / config.lr_decay, staircase=True)
+  return optax.adam(schedule)
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, example_batch: Mapping,
+                       tx: optax.GradientTransformation) -> train_state.TrainState:
+  """Initialised parameters and optimizer state (replicated later by the mesh)."""
+  params = jax.jit(model.init)(rng, example_batch)["params"]
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+# =================================================================== step ===
+
+def make_train_step(model: nn.Module, loss_config: ml_collections.ConfigDict, mesh: Mesh):
+  """jit(shard_map(step)): (state, global batch) -> (state, summed metrics)."""
+
+  def per_device_step(state, batch):
+    def loss_fn(params):
+      emb = model.apply({"params": params}, batch)
+      return losses.du2mce_loss(
+          emb, batch, lambdas=(loss_config.l1, loss_config.l2),
+          margin=loss_config.margin, mining=loss_config.mining, axis_name=AXIS)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metrics
+
+  step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                       out_specs=(P(), P()))
+  return jax.jit(step, donate_argnums=0)
+
+
+# ============================================================ checkpoints ===
+
+class Checkpointer:
+  """Model state and data-iterator state, saved together in workdir/checkpoints."""
+
+  def __init__(self, workdir: str, every_steps: int, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every_steps, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: Mapping, force: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))),
+        force=force)
+
+  def restore(self, step: int, abstract_state):
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ================================================================ metrics ===
+
+@dataclasses.dataclass
+class Progress:
+  """Sums metrics between log lines and reports rate and ETA."""
+  total_steps: int
+  batch_size: int
+  start_step: int
+
+  def __post_init__(self):
+    self.sums, self.steps, self.t0 = {}, 0, time.time()
+    self.run_t0, self.run_steps = self.t0, 0
+
+  def add(self, metrics: Mapping) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.steps += 1
+
+  def summary(self, step: int) -> tuple[dict, str]:
+    now = time.time()
+    rate = self.steps / max(now - self.t0, 1e-9)
+    self.run_steps += self.steps
+    overall = self.run_steps / max(now - self.run_t0, 1e-9)
+    eta = (self.total_steps - step) / max(overall, 1e-9)
+    s = self.sums
+    scalars = {"loss": s["loss"] / self.steps, "steps_per_s": rate,
+               "posts_per_s": rate * self.batch_size}
+    for t in losses.TERMS:
+      scalars[f"{t}_loss"] = s[f"{t}_loss_sum"] / max(s[f"{t}_pairs"], 1)
+    line = (f"step {step:>6}/{self.total_steps} | loss {scalars['loss']:.4f} "
+            f"(tu {scalars['tu_loss']:.3f} it {scalars['it_loss']:.3f} "
+            f"iu {scalars['iu_loss']:.3f}) | {rate:.2f} steps/s "
+            f"{rate * self.batch_size:.0f} posts/s | ETA {_duration(eta)}")
+    self.sums, self.steps, self.t0 = {}, 0, now
+    return scalars, line
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 \
+      else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# =================================================================== data ===
+
+def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
+  """(data_dir, metadata): config.data.dir, or the embedded corpus in workdir/data."""
+  if config.data.dir:
+    return config.data.dir, records.read_metadata(config.data.dir)
+  data_dir = os.path.join(workdir, "data")
+  if not os.path.exists(os.path.join(data_dir, records.METADATA_FILE)):
+    if jax.process_index() == 0:
+      t0 = time.time()
+      spec = synthetic.CorpusSpec(**config.data.embedded.to_dict())
+      meta = synthetic.write_corpus(spec, data_dir, config.data.split_fractions.to_dict(),
+                                    config.data.num_shards)
+      counts = {s: m["num_posts"] for s, m in meta["splits"].items()}
+      print(f"Wrote the embedded corpus to {data_dir} in {time.time() - t0:.1f}s: "
+            f"{spec.num_users} users, {meta['num_images']} images, posts {counts}",
+            flush=True)
+    multihost_utils.sync_global_devices("embedded corpus")
+  return data_dir, records.read_metadata(data_dir)
+
+
+# =================================================================== loop ===
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) in `workdir`, then evaluates; returns the eval results."""
+  os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0
+  data_dir, metadata = dataset(config, workdir)
+  mesh = make_mesh(config.get("num_devices"))
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if config.batch_size % n_dev:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{n_dev} devices of the mesh")
+  local_batch = config.batch_size // n_proc
+  steps_per_epoch = metadata["splits"]["train"]["num_posts"] // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"the train split ({metadata['splits']['train']['num_posts']} "
+                     f"posts) is smaller than one batch of {config.batch_size}")
+  total_steps = int(config.num_epochs * steps_per_epoch)
+
+  model = models.build_model(config.model, metadata)
+  image_key = models.image_key(config.model.image_input)
+  data_iter = loader.train_iterator(
+      data_dir, metadata, batch_size=local_batch, image_input=config.model.image_input,
+      image_key=image_key, seed=config.seed, process_index=jax.process_index(),
+      process_count=n_proc)
+  tx = make_optimizer(config, steps_per_epoch)
+  fresh_data_state = data_iter.get_state()
+  example = jax.tree.map(lambda x: x[:1], next(data_iter))
+  state = create_train_state(jax.random.key(config.seed), model, example, tx)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+
+  ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, state)
+    data_iter.set_state(data_state)
+    if lead:
+      print(f"Resuming from the checkpoint at step {start} in {workdir}", flush=True)
+  else:
+    start = 0
+    data_iter.set_state(fresh_data_state)
+  if lead:
+    print(f"Training {config.num_epochs} epochs x {steps_per_epoch} steps of "
+          f"{config.batch_size} posts on {n_dev} device(s), {n_proc} process(es); "
+          f"data {data_dir}", flush=True)
+
+  train_step = make_train_step(model, config.loss, mesh)
+  writer = SummaryWriter(workdir) if lead else None
+  progress = Progress(total_steps, config.batch_size, start)
+  for step in range(start + 1, total_steps + 1):
+    state, metrics = train_step(state, shard_batch(mesh, next(data_iter)))
+    progress.add(metrics)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      scalars, line = progress.summary(step)
+      if lead:
+        print(line, flush=True)
+        for k, v in scalars.items():
+          writer.add_scalar(f"train/{k}", v, step)
+    ckpt.save(step, state, data_iter.get_state(), force=step == total_steps)
+  ckpt.close()
+
+  # ============================================================ evaluate ===
+  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
+  results = evaluator.run(state.params)
+  if lead:
+    print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
+          f"random = half the candidates):")
+    print(evaluation.format_table(results), flush=True)
+    evaluation.write_results(results, os.path.join(workdir, f"eval_{config.eval.split}.json"))
+    for task in evaluation.TASKS:
+      for k, v in results[task].items():
+        writer.add_scalar(f"{config.eval.split}/{task.replace('->', '_to_')}/{k.replace('@', '_at_')}", v, total_steps)
+    writer.close()
+  return results
