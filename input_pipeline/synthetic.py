@@ -196,14 +196,15 @@ def generate(spec: CorpusSpec) -> dict:
   affinity = theta @ theta.T + 0.01
   np.fill_diagonal(affinity, 0)
   follows = np.array([[u, v] for u in range(U) for v in rng.choice(
-      U, spec.followees, replace=False, p=affinity[u] / affinity[u].sum())])
+      U, min(spec.followees, U - 1), replace=False, p=affinity[u] / affinity[u].sum())])
   followed = np.zeros([U, U], bool)
   followed[follows[:, 0], follows[:, 1]] = True
   actions = []
   for u in range(U):
     w = (theta[u, topics] + 0.01) * np.where(followed[u, authors], 3.0, 1.0)
     w[authors == u] = 0
-    for p in rng.choice(n_posts, spec.actions_per_user, replace=False, p=w / w.sum()):
+    k = min(spec.actions_per_user, int((w > 0).sum()))
+    for p in rng.choice(n_posts, k, replace=False, p=w / w.sum()):
       actions.append([u, p, times[p] + int(rng.exponential(7200))])
 
   log_phi = np.zeros([T, V])

@@ -1,0 +1,345 @@
+"""DU2MCE loss (sempre_jax/losses.py) against an independent NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sempre_jax import losses
+
+MARGIN = 0.2
+TERMS = {"tu": ("text", "user"), "it": ("image", "text"), "iu": ("image", "user")}
+KEYS = {"text": "text_hash", "image": "image_id", "user": "user"}
+LAMBDAS = [(0.1, 0.45), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.5, 0.5)]
+
+
+# ----------------------------------------------------------------- reference
+
+def ref_terms(emb, batch, margin=MARGIN, mining="all", groups=None):
+  """{term: (L_XY, N_XY)} by loops over anchors and candidates (Eqs. 2-4).
+
+  groups: [B] labels; when given, a candidate must share the anchor's label
+  (negatives restricted to the anchor's shard).
+  """
+  e = {m: np.asarray(x, np.float64) for m, x in emb.items()}
+  n = len(batch["user"])
+  has = {"text": np.asarray(batch["text_mask"]).any(axis=-1),
+         "image": np.asarray(batch["image_mask"]).astype(bool),
+         "user": np.ones(n, bool)}
+  key = {m: np.asarray(batch[k]) for m, k in KEYS.items()}
+  groups = np.zeros(n, int) if groups is None else np.asarray(groups)
+  out = {}
+  for term, (x, y) in TERMS.items():
+    total, pairs = 0.0, 0
+    for i in range(n):
+      if not (has[x][i] and has[y][i]):
+        continue
+      pairs += 1
+      pos = e[x][i] @ e[y][i]
+      # Direction x_i -> negatives y_j, then y_i -> negatives x_j.
+      for anchor, cand in ((x, y), (y, x)):
+        hinges = [max(0.0, margin - pos + e[anchor][i] @ e[cand][j])
+                  for j in range(n)
+                  if has[cand][j] and key[x][j] != key[x][i]
+                  and key[y][j] != key[y][i] and groups[j] == groups[i]]
+        total += sum(hinges) if mining == "all" else max(hinges, default=0.0)
+    out[term] = (total, pairs)
+  return out
+
+
+def ref_loss(emb, batch, lambdas, margin=MARGIN, mining="all", groups=None):
+  """Eq. 1 from ref_terms; an empty term contributes 0."""
+  l1, l2 = lambdas
+  weight = {"tu": l1, "it": l2, "iu": 1.0 - l1 - l2}
+  terms = ref_terms(emb, batch, margin, mining, groups)
+  return sum(weight[t] * s / n for t, (s, n) in terms.items() if n)
+
+
+def ref_grad_row(emb, batch, modality, row, eps=1e-6, **kw):
+  """Central finite differences of ref_loss wrt emb[modality][row]."""
+  grad = np.zeros(emb[modality].shape[1])
+  for k in range(len(grad)):
+    shifted = []
+    for sign in (1, -1):
+      e = {m: np.array(x, np.float64) for m, x in emb.items()}
+      e[modality][row, k] += sign * eps
+      shifted.append(ref_loss(e, batch, **kw))
+    grad[k] = (shifted[0] - shifted[1]) / (2 * eps)
+  return grad
+
+
+# ------------------------------------------------------------------ fixtures
+
+def unit(x):
+  """Rows of x scaled to unit L2 norm, float32."""
+  x = np.asarray(x, np.float64)
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_emb(rng, b, d=8):
+  """Random L2-normalised embeddings for the three modalities."""
+  return {m: unit(rng.normal(size=(b, d))) for m in ("text", "image", "user")}
+
+
+def make_batch(rng, b, length=4):
+  """Batch with missing texts/images, repeated users, shared image ids and hashes."""
+  text_mask = rng.random((b, length)) < 0.7
+  text_mask[:, 0] = True
+  text_mask[2::5] = False                      # posts without text
+  image_mask = np.ones(b, bool)
+  image_mask[2::4] = False                     # posts without image
+  user = np.arange(b) % (b // 2)               # every user twice...
+  user[1] = user[0]                            # ...user 0 three times
+  image_id = np.where(image_mask, 100 + np.arange(b), -1)
+  image_id[3] = image_id[0]                    # same image in two posts
+  image_id[b - 1] = image_id[4]
+  text_hash = 200 + np.arange(b)
+  text_hash[5] = text_hash[0]                  # same text in two posts
+  text_hash[b - 2] = text_hash[3]
+  text_hash[~text_mask.any(axis=-1)] = 7       # hash of the empty text
+  return {"text_mask": text_mask, "image_mask": image_mask,
+          "user": user.astype(np.int32), "text_hash": text_hash.astype(np.int32),
+          "image_id": image_id.astype(np.int32)}
+
+
+def to_jnp(tree):
+  return jax.tree.map(jnp.asarray, tree)
+
+
+def loss_fn(emb, batch, lambdas, mining="all", margin=MARGIN):
+  """Single-device (loss, metrics) of losses.du2mce_loss."""
+  return losses.du2mce_loss(to_jnp(emb), to_jnp(batch), lambdas=lambdas,
+                            margin=margin, mining=mining)
+
+
+def grad_fn(emb, batch, lambdas, mining="all"):
+  """Single-device gradient of the loss wrt the embeddings."""
+  f = lambda e: losses.du2mce_loss(e, to_jnp(batch), lambdas=lambdas,
+                                   margin=MARGIN, mining=mining)[0]
+  return jax.grad(f)(to_jnp(emb))
+
+
+# --------------------------------------------------------------- single device
+
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+@pytest.mark.parametrize("lambdas", LAMBDAS)
+def test_matches_reference(mining, lambdas):
+  """Loss and per-term metrics equal the loop reference on an awkward batch."""
+  rng = np.random.default_rng(0)
+  batch = make_batch(rng, 12)
+  emb = make_emb(rng, 12)
+  # The batch has every awkward case the loss must handle.
+  assert (~batch["text_mask"].any(-1)).any() and (~batch["image_mask"]).any()
+  assert np.bincount(batch["user"]).max() >= 3
+  with_image = batch["image_id"][batch["image_mask"]]
+  assert len(np.unique(with_image)) < len(with_image)
+  with_text = batch["text_hash"][batch["text_mask"].any(-1)]
+  assert len(np.unique(with_text)) < len(with_text)
+
+  loss, metrics = loss_fn(emb, batch, lambdas, mining)
+  expected = ref_loss(emb, batch, lambdas, mining=mining)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  for term, (total, pairs) in ref_terms(emb, batch, mining=mining).items():
+    np.testing.assert_allclose(metrics[f"{term}_loss_sum"], total, rtol=1e-5)
+    assert int(metrics[f"{term}_pairs"]) == pairs
+
+
+def test_hardest_differs_from_all():
+  """On the random batch the two mining modes are really different losses."""
+  rng = np.random.default_rng(0)
+  batch, emb = make_batch(rng, 12), make_emb(rng, 12)
+  all_loss = float(loss_fn(emb, batch, (0.1, 0.45), "all")[0])
+  hard_loss = float(loss_fn(emb, batch, (0.1, 0.45), "hardest")[0])
+  assert 0 < hard_loss < all_loss
+
+
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+def test_hand_computed(mining):
+  """Two posts, D=2, margin 0.5: every number below is worked out by hand.
+
+  t0=(1,0) u0=(.6,.8) i0=(0,1);  t1=(0,1) u1=(.8,.6) i1=(1,0).
+  Each post is the other's only negative, so both mining modes agree.
+  TU: S(t,u)=.6 on both pairs, cross S=.8 -> 4 hinges of .5-.6+.8=.7: 2.8
+  IT: S(i,t)=0 on both pairs, cross S=1  -> 4 hinges of .5-0+1=1.5:   6.0
+  IU: S(i,u)=.8 on both pairs, cross S=.6 -> 4 hinges of .5-.8+.6=.3: 1.2
+  L = .5*2.8/2 + .25*6/2 + .25*1.2/2 = .7 + .75 + .15 = 1.6
+  """
+  emb = {"text": np.array([[1, 0], [0, 1]], np.float32),
+         "user": np.array([[.6, .8], [.8, .6]], np.float32),
+         "image": np.array([[0, 1], [1, 0]], np.float32)}
+  batch = {"text_mask": np.ones((2, 3), bool), "image_mask": np.ones(2, bool),
+           "user": np.array([3, 4], np.int32),
+           "text_hash": np.array([10, 11], np.int32),
+           "image_id": np.array([20, 21], np.int32)}
+  loss, metrics = loss_fn(emb, batch, (0.5, 0.25), mining, margin=0.5)
+  np.testing.assert_allclose(loss, 1.6, rtol=1e-5)
+  for term, total in (("tu", 2.8), ("it", 6.0), ("iu", 1.2)):
+    np.testing.assert_allclose(metrics[f"{term}_loss_sum"], total, rtol=1e-5)
+    assert int(metrics[f"{term}_pairs"]) == 2
+
+
+def test_same_user_is_never_a_negative():
+  """A user's other post is no TU negative, however close its text is."""
+  rng = np.random.default_rng(1)
+  emb = make_emb(rng, 2)
+  emb["user"][1] = emb["user"][0]              # one user, one embedding
+  batch = {"text_mask": np.ones((2, 3), bool), "image_mask": np.zeros(2, bool),
+           "user": np.array([5, 5], np.int32),
+           "text_hash": np.array([10, 11], np.int32),
+           "image_id": np.array([-1, -1], np.int32)}
+  near = dict(emb, text=emb["text"].copy())
+  near["text"][1] = unit(emb["user"][0] + 1e-3 * rng.normal(size=8))
+  for e in (emb, near):
+    _, metrics = loss_fn(e, batch, (1.0, 0.0), "hardest")
+    assert int(metrics["tu_pairs"]) == 2
+    assert float(metrics["tu_loss_sum"]) == 0.0
+  # Were the two posts by different users, that near text would be a big hinge.
+  other = dict(batch, user=np.array([5, 6], np.int32))
+  _, metrics = loss_fn(near, other, (1.0, 0.0), "hardest")
+  assert float(metrics["tu_loss_sum"]) > 1.0
+  np.testing.assert_allclose(metrics["tu_loss_sum"],
+                             ref_terms(near, other, mining="hardest")["tu"][0],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+def test_repeated_user_in_random_batch(mining):
+  """Text of user 0's other post moved onto anchor 0's user: still the reference."""
+  rng = np.random.default_rng(0)
+  batch, emb = make_batch(rng, 12), make_emb(rng, 12)
+  other = 6                                    # user[6] == user[0]
+  assert batch["user"][other] == batch["user"][0]
+  assert batch["text_mask"][other].any()
+  emb["text"][other] = unit(emb["user"][0] + 1e-3 * rng.normal(size=8))
+  _, metrics = loss_fn(emb, batch, (1.0, 0.0), mining)
+  tu_sum = ref_terms(emb, batch, mining=mining)["tu"][0]
+  np.testing.assert_allclose(metrics["tu_loss_sum"], tu_sum, rtol=1e-5)
+  # The exclusion matters here: as another user's post it would add hinges.
+  relabelled = dict(batch, user=np.where(np.arange(12) == other, 99, batch["user"]))
+  assert ref_terms(emb, relabelled, mining=mining)["tu"][0] > tu_sum + 0.1
+
+
+@pytest.mark.parametrize("missing", ["image", "text", "both"])
+def test_empty_terms(missing):
+  """Terms without positive pairs give 0: finite loss and finite gradients."""
+  rng = np.random.default_rng(2)
+  batch, emb = make_batch(rng, 8), make_emb(rng, 8)
+  if missing in ("image", "both"):
+    batch["image_mask"][:] = False
+    batch["image_id"][:] = -1
+  if missing in ("text", "both"):
+    batch["text_mask"][:] = False
+  empty = {"image": ("it", "iu"), "text": ("tu", "it"),
+           "both": ("tu", "it", "iu")}[missing]
+  for mining in ("all", "hardest"):
+    for lambdas in ((0.1, 0.45), (0.0, 0.0), (1.0, 0.0)):
+      loss, metrics = loss_fn(emb, batch, lambdas, mining)
+      assert np.isfinite(loss)
+      np.testing.assert_allclose(
+          loss, ref_loss(emb, batch, lambdas, mining=mining), rtol=1e-5, atol=1e-7)
+      for term in empty:
+        assert int(metrics[f"{term}_pairs"]) == 0
+        assert float(metrics[f"{term}_loss_sum"]) == 0.0
+      grads = grad_fn(emb, batch, lambdas, mining)
+      assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  if missing == "both":
+    assert float(loss_fn(emb, batch, (0.0, 0.0))[0]) == 0.0
+
+
+def test_term_weights():
+  """Valid (l1, l2) give (l1, l2, 1-l1-l2); anything else is refused."""
+  w = losses.term_weights(0.1, 0.45)
+  assert w["tu"] == 0.1 and w["it"] == 0.45
+  np.testing.assert_allclose(w["iu"], 0.45)
+  assert losses.term_weights(1, 0) == {"tu": 1, "it": 0, "iu": 0}
+  for l1, l2 in ((-0.1, 0.5), (0.2, 1.1), (0.6, 0.5), (1.0, 0.01)):
+    with pytest.raises(ValueError):
+      losses.term_weights(l1, l2)
+
+
+# ---------------------------------------------------------------- four devices
+
+@pytest.fixture(scope="module")
+def mesh():
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py sets XLA_FLAGS)")
+  return Mesh(np.array(jax.devices()[:4]), ("data",))
+
+
+def shard(mesh, tree):
+  """Places every leaf split along its first axis over the mesh."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+def sharded_loss(mesh, emb, batch, lambdas, mining):
+  """(per-device local losses [4], psum'ed metrics) under shard_map."""
+  def f(e, b):
+    loss, metrics = losses.du2mce_loss(e, b, lambdas=lambdas, margin=MARGIN,
+                                       mining=mining, axis_name="data")
+    return loss[None], metrics
+  f = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data")),
+                            out_specs=(P("data"), P())))
+  return f(shard(mesh, emb), shard(mesh, batch))
+
+
+def sharded_grad(mesh, emb, batch, lambdas, mining):
+  """Gradient wrt the (sharded) embeddings of the per-device local loss."""
+  def f(e, b):
+    local = lambda e: losses.du2mce_loss(e, b, lambdas=lambdas, margin=MARGIN,
+                                         mining=mining, axis_name="data")[0]
+    return jax.grad(local)(e)
+  f = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data")),
+                            out_specs=P("data")))
+  return f(shard(mesh, emb), shard(mesh, batch))
+
+
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+@pytest.mark.parametrize("lambdas", [(0.1, 0.45), (1.0, 0.0)])
+def test_four_devices_match_one(mesh, mining, lambdas):
+  """Global batch of 16, 4 per device: loss, metrics and gradient as on one."""
+  rng = np.random.default_rng(3)
+  batch, emb = make_batch(rng, 16), make_emb(rng, 16)
+  local, metrics = sharded_loss(mesh, emb, batch, lambdas, mining)
+  one_loss, one_metrics = loss_fn(emb, batch, lambdas, mining)
+  expected = ref_loss(emb, batch, lambdas, mining=mining)
+  np.testing.assert_allclose(np.sum(local), expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], one_loss, rtol=1e-5)
+  for name, value in one_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-5)
+
+  grads = sharded_grad(mesh, emb, batch, lambdas, mining)
+  one_grads = grad_fn(emb, batch, lambdas, mining)
+  for m in emb:
+    assert grads[m].shape == emb[m].shape
+    np.testing.assert_allclose(grads[m], one_grads[m], atol=1e-5)
+
+
+def test_remote_hard_negative_is_used(mesh):
+  """Anchor 0's hardest text negative lives on device 3 (global row 13)."""
+  rng = np.random.default_rng(4)
+  batch, emb = make_batch(rng, 16), make_emb(rng, 16)
+  remote = 13
+  assert batch["text_mask"][remote].any()
+  assert batch["user"][remote] != batch["user"][0]
+  assert batch["text_hash"][remote] != batch["text_hash"][0]
+  emb["text"][remote] = unit(emb["user"][0] + 1e-2 * rng.normal(size=8))
+  kw = dict(lambdas=(0.1, 0.45), mining="hardest")
+  on_device = np.arange(16) // 4
+
+  _, metrics = sharded_loss(mesh, emb, batch, **kw)
+  expected = ref_loss(emb, batch, **kw)
+  local_only = ref_loss(emb, batch, groups=on_device, **kw)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  assert abs(expected - local_only) > 1e-2
+  assert not np.isclose(float(metrics["loss"]), local_only, rtol=1e-3)
+
+  row = np.asarray(sharded_grad(mesh, emb, batch, **kw)["text"][remote])
+  assert np.abs(row).max() > 1e-3
+  np.testing.assert_allclose(row, ref_grad_row(emb, batch, "text", remote, **kw),
+                             atol=1e-4)
+  local_row = ref_grad_row(emb, batch, "text", remote, groups=on_device, **kw)
+  assert np.abs(row - local_row).max() > 1e-3
