@@ -72,7 +72,9 @@ class Oracle:
   """The planted model's true posterior scores for the retrieval tasks.
 
   Each method returns log-scores whose order is the Bayes-optimal ranking of the
-  candidates; ranks computed from them are the best achievable.
+  candidates; ranks computed from them are the best achievable. Scores are
+  rounded to 1e-6 nats so that candidates the model cannot tell apart tie
+  exactly instead of being ordered by float round-off.
   """
   log_pi: np.ndarray     # [U] author prior
   theta: np.ndarray      # [U, T] user interests
@@ -97,11 +99,11 @@ class Oracle:
 
   def text_user(self, tokens, mask) -> np.ndarray:
     """P(author | text) scores: tokens/mask [Q, L] -> [Q, U]."""
-    return self._user_scores(self._text_loglik(tokens, mask))
+    return _round(self._user_scores(self._text_loglik(tokens, mask)))
 
   def image_user(self, features) -> np.ndarray:
     """P(poster | image) scores: features [Q, F] -> [Q, U]."""
-    return self._user_scores(self._image_loglik(features))
+    return _round(self._user_scores(self._image_loglik(features)))
 
   def image_text(self, features, tokens, mask) -> np.ndarray:
     """Posterior that text c is image q's caption, prop. p(x_q, t_c) / p(t_c): [Q, C]."""
@@ -112,7 +114,7 @@ class Oracle:
     txt = txt - txt.max(axis=1, keepdims=True)
     numer = np.log(np.exp(log_pz_x) @ np.exp(txt).T)              # [Q, C]
     denom = logsumexp(txt + log_pz, axis=1)                       # [C]
-    return numer - denom
+    return _round(numer - denom)
 
   def save(self, path: str) -> None:
     np.savez(path, **dataclasses.asdict(self))
@@ -121,6 +123,10 @@ class Oracle:
   def load(cls, path: str) -> "Oracle":
     with np.load(path) as z:
       return cls(**{k: z[k] for k in z.files})
+
+
+def _round(scores: np.ndarray) -> np.ndarray:
+  return np.round(scores, 6)
 
 
 # --------------------------------------------------------------- generator --

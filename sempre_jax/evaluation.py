@@ -1,8 +1,11 @@
 """How good is the space, exactly?
 
 Retrieval on a held-out split with exact ranks: the rank of a query's ground
-truth is 1 + the number of candidates scoring strictly above it (ties go to the
-ground truth); with several ground truths the best-ranked one counts.
+truth is 1 + the number of candidates scoring strictly above it, and with
+several ground truths the best-ranked one counts. Exact ties (the oracle has
+them) count as the expected rank under random tie-breaking: with t other
+candidates and g ground truths tied at the best ground-truth score, t / (g + 1)
+is added. No sorting: ranks are counts over all candidates.
 
 Tasks (queries -> candidates, ground truth):
   text->user   every text of the split -> all users, its author.
@@ -36,7 +39,11 @@ RECALL_AT = (1, 5, 10)
 def ranks_from_scores(scores: jnp.ndarray, gt_mask: jnp.ndarray) -> jnp.ndarray:
   """scores, gt_mask: [Q, C] -> [Q] rank of the best ground truth (1 = top)."""
   best_gt = jnp.max(jnp.where(gt_mask, scores, -jnp.inf), axis=1, keepdims=True)
-  return 1 + jnp.sum(scores > best_gt, axis=1)
+  above = jnp.sum(scores > best_gt, axis=1)
+  tied = scores == best_gt
+  tied_others = jnp.sum(tied & ~gt_mask, axis=1)
+  tied_gts = jnp.sum(tied & gt_mask, axis=1)
+  return 1 + above + tied_others / (tied_gts + 1)
 
 
 def ground_truth_mask(gts: Sequence[np.ndarray], num_candidates: int) -> np.ndarray:
