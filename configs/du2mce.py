@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.embedded = {           # input_pipeline.synthetic.CorpusSpec
       "num_users": 500, "num_topics": 64, "posts_per_user": 40.0,
       "image_fraction": 0.5, "reshare_prob": 0.1, "feature_dim": 2048,
-      "signal": 0.15, "image_size": 0, "seed": 0}
+      "signal": 0.3, "image_size": 0, "seed": 0}
 
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 1024

@@ -57,7 +57,7 @@ class CorpusSpec:
   image_fraction: float = 0.5
   reshare_prob: float = 0.1
   feature_dim: int = 2048
-  signal: float = 0.15
+  signal: float = 0.3
   image_size: int = 0
   followees: int = 10
   actions_per_user: int = 20
@@ -152,7 +152,7 @@ def generate(spec: CorpusSpec) -> dict:
 
   theta = np.zeros([U, T])
   for u in range(U):
-    k = rng.integers(spec.topics_min, spec.topics_max + 1)
+    k = rng.integers(spec.topics_min, min(spec.topics_max, T) + 1)
     theta[u, rng.choice(T, k, replace=False)] = rng.dirichlet(np.ones(k))
   activity = rng.lognormal(0.0, spec.activity_sigma, U)
   pi = activity / activity.sum()

@@ -175,7 +175,12 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
             f"{spec.num_users} users, {meta['num_images']} images, posts {counts}",
             flush=True)
     multihost_utils.sync_global_devices("embedded corpus")
-  return data_dir, records.read_metadata(data_dir)
+  metadata = records.read_metadata(data_dir)
+  wanted = dataclasses.asdict(synthetic.CorpusSpec(**config.data.embedded.to_dict()))
+  if metadata.get("spec") != wanted:
+    raise ValueError(f"{data_dir} holds an embedded corpus made with other settings "
+                     f"({metadata.get('spec')}); use a new --workdir for {wanted}")
+  return data_dir, metadata
 
 
 # =================================================================== loop ===

@@ -95,3 +95,27 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
   assert "Wrote the embedded corpus" not in second.stdout
   assert "posts/s" not in second.stdout        # nothing left to train
   assert json.load(open(tmp_path / "eval_test.json")) == results
+
+
+def test_pixel_encoder_trains_on_encoded_images(tmp_path):
+  spec = synthetic.CorpusSpec(num_users=8, num_topics=2, posts_per_user=6, feature_dim=4,
+                              image_size=16, image_fraction=0.8)
+  meta = synthetic.write_corpus(spec, str(tmp_path), {"test": 0.1})
+  config = _tiny_config()
+  config.model.image_input = "pixels"
+  model = models.build_model(config.model, meta)
+  it = loader.train_iterator(str(tmp_path), meta, batch_size=8, image_input="pixels",
+                             image_key="image", seed=0)
+  batch = next(it)
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+  assert batch["image"][batch["image_mask"]].std() > 10        # real pictures
+  assert not batch["image"][~batch["image_mask"]].any()        # missing -> zeros
+  mesh = train.make_mesh(1)
+  state = train.create_train_state(jax.random.key(0), model, batch,
+                                   train.make_optimizer(config, 10))
+  step = train.make_train_step(model, config.loss, mesh)
+  before = np.asarray(state.params["image"]["conv0"]["kernel"])
+  state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
+                        train.shard_batch(mesh, batch))
+  assert np.isfinite(float(metrics["loss"])) and metrics["it_pairs"] > 0
+  assert np.abs(np.asarray(state.params["image"]["conv0"]["kernel"]) - before).max() > 0
