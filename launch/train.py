@@ -5,7 +5,7 @@
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sempre_jax import train
@@ -19,6 +19,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:   # library INFO logs (orbax, grain) only on request
+    logging.set_verbosity(logging.WARNING)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir or os.path.join("runs", name))
 

@@ -185,8 +185,8 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
 
 # =================================================================== loop ===
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`, then evaluates; returns the eval results."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (or resumes) in `workdir`, then evaluates; returns (state, eval results)."""
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   data_dir, metadata = dataset(config, workdir)
@@ -256,4 +256,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for k, v in results[task].items():
         writer.add_scalar(f"{config.eval.split}/{task.replace('->', '_to_')}/{k.replace('@', '_at_')}", v, total_steps)
     writer.close()
-  return results
+  return state, results
