@@ -4,6 +4,7 @@
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,7 +23,10 @@ def main(argv):
   if not FLAGS["verbosity"].present:   # library INFO logs (orbax, grain) only on request
     logging.set_verbosity(logging.WARNING)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir or os.path.join("runs", name))
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir or os.path.join("runs", name))
+  except train.TrainingStopped as e:
+    sys.exit(f"Training stopped: {e}")
 
 
 if __name__ == "__main__":

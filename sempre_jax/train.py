@@ -11,6 +11,7 @@ the global-batch loss (Eq. 1), identical to one device on the same batch.
 
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Mapping
 
@@ -78,6 +79,7 @@ def make_train_step(model: nn.Module, loss_config: ml_collections.ConfigDict, me
           margin=loss_config.margin, mining=loss_config.mining, axis_name=AXIS)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), metrics
 
   step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
@@ -114,6 +116,42 @@ class Checkpointer:
     self.manager.close()
 
 
+# ================================================================= guards ===
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the message says why."""
+
+
+class Preemption:
+  """SIGTERM (a preemptible VM's notice) -> finish the step, checkpoint, exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process of the job was asked to stop."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+  def release(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(step: int, metrics: Mapping, last_good: int | None) -> None:
+  """Raises TrainingStopped when the loss or the gradient norm is not finite."""
+  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(metrics[k]))]
+  if bad:
+    raise TrainingStopped(
+        f"non-finite {' and '.join(bad)} at step {step}; stopped before saving it. "
+        f"The last good checkpoint (step {last_good}) is kept.")
+
+
 # ================================================================ metrics ===
 
 @dataclasses.dataclass
@@ -139,7 +177,8 @@ class Progress:
     overall = self.run_steps / max(now - self.run_t0, 1e-9)
     eta = (self.total_steps - step) / max(overall, 1e-9)
     s = self.sums
-    scalars = {"loss": s["loss"] / self.steps, "steps_per_s": rate,
+    scalars = {"loss": s["loss"] / self.steps, "grad_norm": s["grad_norm"] / self.steps,
+               "steps_per_s": rate,
                "posts_per_s": rate * self.batch_size}
     for t in losses.TERMS:
       scalars[f"{t}_loss"] = s[f"{t}_loss_sum"] / max(s[f"{t}_pairs"], 1)
@@ -232,17 +271,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = make_train_step(model, config.loss, mesh)
   writer = SummaryWriter(workdir) if lead else None
   progress = Progress(total_steps, config.batch_size, start)
-  for step in range(start + 1, total_steps + 1):
-    state, metrics = train_step(state, shard_batch(mesh, next(data_iter)))
-    progress.add(metrics)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      scalars, line = progress.summary(step)
-      if lead:
-        print(line, flush=True)
-        for k, v in scalars.items():
-          writer.add_scalar(f"train/{k}", v, step)
-    ckpt.save(step, state, data_iter.get_state(), force=step == total_steps)
-  ckpt.close()
+  preemption = Preemption()
+  try:
+    for step in range(start + 1, total_steps + 1):
+      state, metrics = train_step(state, shard_batch(mesh, next(data_iter)))
+      check_finite(step, metrics, ckpt.latest_step())
+      progress.add(metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        scalars, line = progress.summary(step)
+        if lead:
+          print(line, flush=True)
+          for k, v in scalars.items():
+            writer.add_scalar(f"train/{k}", v, step)
+      preempted = preemption.agreed()
+      ckpt.save(step, state, data_iter.get_state(),
+                force=step == total_steps or preempted)
+      if preempted:
+        if lead:
+          print(f"Stopped by SIGTERM after step {step}; checkpoint saved. Run the "
+                "same command to continue.", flush=True)
+        return state, None
+  finally:
+    preemption.release()
+    ckpt.close()
+    if writer is not None:
+      writer.flush()
 
   # ============================================================ evaluate ===
   evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
