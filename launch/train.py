@@ -6,6 +6,7 @@
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,6 +15,12 @@ from sempre_jax import train
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and results "
                     "(default: runs/<config file name>).")
+flags.DEFINE_bool("distributed", False, "Join a multi-process job, found from the "
+                  "cluster's environment (TPU pod slice, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
+                    "multi-process job started by hand (with the two flags below).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -22,6 +29,9 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:   # library INFO logs (orbax, grain) only on request
     logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir or os.path.join("runs", name))

@@ -299,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # ============================================================ evaluate ===
   evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
-  results = evaluator.run(state.params)
+  # Every process evaluates on its own first device, from a local copy of the params.
+  results = evaluator.run(jax.tree.map(lambda x: x.addressable_data(0), state.params))
   if lead:
     print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
           f"random = half the candidates):")

@@ -1,0 +1,43 @@
+"""The shared case of the multi-process test: a tiny model, a fixed global batch."""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import du2mce
+from sempre_jax import models, train
+
+GLOBAL_BATCH = 8
+
+
+def global_batch() -> dict:
+  rng = np.random.default_rng(0)
+  has_image = np.arange(GLOBAL_BATCH) % 3 != 0
+  return {
+      "user": rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32),
+      "tokens": rng.integers(2, 20, [GLOBAL_BATCH, 20]).astype(np.int32),
+      "text_mask": np.arange(20)[None] < rng.integers(1, 20, [GLOBAL_BATCH, 1]),
+      "text_hash": rng.integers(1, 2**30, GLOBAL_BATCH).astype(np.int32),
+      "image_mask": has_image,
+      "image_id": np.where(has_image, np.arange(GLOBAL_BATCH) % 4, -1).astype(np.int32),
+      "image_features": rng.normal(size=[GLOBAL_BATCH, 6]).astype(np.float32),
+  }
+
+
+def one_step(process_index: int, process_count: int):
+  """(loss, flat params) after one step; each process feeds its slice of the batch."""
+  config = du2mce.get_config()
+  config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
+  model = models.build_model(config.model, {"num_users": 5, "vocab_size": 20})
+  batch = global_batch()
+  tx = train.make_optimizer(config, steps_per_epoch=10)
+  state = train.create_train_state(jax.random.key(0), model, batch, tx)
+  mesh = train.make_mesh()
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  per = GLOBAL_BATCH // process_count
+  local = jax.tree.map(lambda x: x[process_index * per:(process_index + 1) * per], batch)
+  state, metrics = train.make_train_step(model, config.loss, mesh)(
+      state, train.shard_batch(mesh, local))
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  params = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}
+  return float(metrics["loss"].addressable_data(0)), params
