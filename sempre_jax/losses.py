@@ -16,7 +16,10 @@ contributes 0.
 
 The loss is written per device: each device holds its local anchors [b, D] and
 sees the candidates of the whole global batch [G, D] through an all-gather over
-`axis_name` (None: a single device, local = global).
+`axis_name` (None: a single device, local = global). Each term computes one
+similarity block S = x_local @ y_global^T [b, G]; the other direction's rows,
+y_local . x_global, are the transposed columns of the global matrix, which an
+all-to-all brings home instead of a second matmul.
 """
 
 from collections.abc import Mapping
@@ -44,17 +47,14 @@ def presence(batch: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
           "user": jnp.ones(batch["user"].shape, bool)}
 
 
-def hinge(anchors, positives, candidates, anchor_valid, neg_valid, margin: float,
-          mining: str) -> jnp.ndarray:
+def hinge(sim, pos, anchor_valid, neg_valid, margin: float, mining: str) -> jnp.ndarray:
   """One direction of Eq. 4 per anchor.
 
-  anchors, positives: [b, D]; candidates: [G, D]; anchor_valid: [b];
-  neg_valid: [b, G]. Returns [b]: sum (or max) over valid negatives of
-  [m - S(a, p) + S(a, c)]_+, zero for invalid anchors.
+  sim: [b, G] similarities of each anchor to all candidates; pos: [b] its
+  positive's similarity; anchor_valid: [b]; neg_valid: [b, G]. Returns [b]: sum
+  (or max) over valid negatives of [m - S(a, p) + S(a, c)]_+, zero for invalid anchors.
   """
-  pos = jnp.sum(anchors * positives, axis=-1)
-  cost = jax.nn.relu(margin - pos[:, None] + anchors @ candidates.T)
-  cost = jnp.where(neg_valid, cost, 0.0)
+  cost = jnp.where(neg_valid, jax.nn.relu(margin - pos[:, None] + sim), 0.0)
   per_anchor = cost.sum(axis=-1) if mining == "all" else cost.max(axis=-1)
   return jnp.where(anchor_valid, per_anchor, 0.0)
 
@@ -75,13 +75,17 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
   if axis_name is None:
     gather = lambda x: x
     psum = lambda x: x
+    columns = lambda sim: sim.T
   else:
     gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
     psum = lambda x: jax.lax.psum(x, axis_name)
+    # [b, G] row blocks -> this device's [G, b] column block of the global matrix.
+    columns = lambda sim: jax.lax.all_to_all(
+        sim, axis_name, split_axis=1, concat_axis=0, tiled=True).T
 
   has = presence(batch)
   keys = {m: batch[IDENTITY_KEY[m]] for m in IDENTITY_KEY}
-  g_emb = {m: gather(e) for m, e in emb.items()}
+  g_emb = {m: gather(emb[m]) for m in dict.fromkeys(b for _, b in TERMS.values())}
   g_has = {m: gather(h) for m, h in has.items()}
   g_keys = {m: gather(k) for m, k in keys.items()}
 
@@ -90,9 +94,10 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
     valid = has[a] & has[b]
     not_hit = ((keys[a][:, None] != g_keys[a][None, :])
                & (keys[b][:, None] != g_keys[b][None, :]))
-    total = (hinge(emb[a], emb[b], g_emb[b], valid, not_hit & g_has[b][None, :],
-                   margin, mining)
-             + hinge(emb[b], emb[a], g_emb[a], valid, not_hit & g_has[a][None, :],
+    sim = emb[a] @ g_emb[b].T                          # [b, G]: a_i . b_j
+    pos = jnp.sum(emb[a] * emb[b], axis=-1)
+    total = (hinge(sim, pos, valid, not_hit & g_has[b][None, :], margin, mining)
+             + hinge(columns(sim), pos, valid, not_hit & g_has[a][None, :],
                      margin, mining)).sum()
     pairs = psum(valid.sum())
     loss += weights[term] * total / jnp.maximum(pairs, 1)
