@@ -1,7 +1,9 @@
 """How is one modality embedded?
 
 Each encoder maps its input to the common space [B, D], L2-normalised, so a dot
-product is the cosine similarity of the DU2MCE loss.
+product is the cosine similarity of the DU2MCE loss. `dtype` is the compute
+dtype (bfloat16 for mixed precision); parameters stay float32 and every output
+is normalised and returned in float32, so the loss is computed in float32.
 """
 
 from collections.abc import Sequence
@@ -11,33 +13,36 @@ import jax.numpy as jnp
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-  """x / ||x|| along the last axis (zero vectors stay zero)."""
+  """x / ||x|| along the last axis, in float32 (zero vectors stay zero)."""
+  x = x.astype(jnp.float32)
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 class FeatureImageEncoder(nn.Module):
   """Frozen-CNN features [B, F] -> Dense -> [B, D]."""
   embed_dim: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
-    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(features))
+    return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(features))
 
 
 class PixelImageEncoder(nn.Module):
   """A small CNN for RGB pixels uint8 [B, H, W, 3] -> [B, D]."""
   embed_dim: int
   channels: Sequence[int] = (32, 64, 128)
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
-    x = pixels.astype(jnp.float32) / 127.5 - 1.0
+    x = pixels.astype(self.dtype) / 127.5 - 1.0
     for i, c in enumerate(self.channels):
-      x = nn.relu(nn.Conv(c, (3, 3), name=f"conv{i}")(x))
+      x = nn.relu(nn.Conv(c, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
       if i < len(self.channels) - 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(x))
+    return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(x))
 
 
 class KimCNNTextEncoder(nn.Module):
@@ -52,19 +57,21 @@ class KimCNNTextEncoder(nn.Module):
   word_dim: int = 300
   widths: Sequence[int] = (2, 3, 4)
   filters: Sequence[int] = (512, 256, 256)
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    x = nn.Embed(self.vocab_size, self.word_dim, name="word_embed")(tokens)
-    x = x * mask[..., None]
+    x = nn.Embed(self.vocab_size, self.word_dim, dtype=self.dtype, name="word_embed")(tokens)
+    x = x * mask[..., None].astype(self.dtype)
     pooled = []
     for width, n in zip(self.widths, self.filters):
       padded = jnp.pad(x, ((0, 0), (0, width - 1), (0, 0)))
-      h = nn.relu(nn.Conv(n, (width,), padding="VALID", name=f"conv{width}")(padded))
+      h = nn.relu(nn.Conv(n, (width,), padding="VALID", dtype=self.dtype,
+                          name=f"conv{width}")(padded))
       h = jnp.where(mask[..., None], h, -jnp.inf).max(axis=1)       # [B, n]
       pooled.append(jnp.where(jnp.isfinite(h), h, 0.0))            # empty texts -> 0
     h = jnp.concatenate(pooled, axis=-1)
-    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(h))
+    return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(h))
 
 
 class UserEncoder(nn.Module):
@@ -72,8 +79,9 @@ class UserEncoder(nn.Module):
   num_users: int
   embed_dim: int
   user_dim: int = 300
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, users: jnp.ndarray) -> jnp.ndarray:
-    x = nn.Embed(self.num_users, self.user_dim, name="user_embed")(users)
-    return l2_normalize(nn.Dense(self.embed_dim, name="proj")(x))
+    x = nn.Embed(self.num_users, self.user_dim, dtype=self.dtype, name="user_embed")(users)
+    return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(x))

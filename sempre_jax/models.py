@@ -24,19 +24,21 @@ class DU2MCE(nn.Module):
   text_widths: tuple = (2, 3, 4)
   text_filters: tuple = (512, 256, 256)
   image_input: str = "features"   # or "pixels"
+  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
   def setup(self):
     self.text = encoders.KimCNNTextEncoder(
         self.vocab_size, self.embed_dim, self.word_dim, self.text_widths,
-        self.text_filters)
+        self.text_filters, dtype=self.dtype)
     if self.image_input == "features":
-      self.image = encoders.FeatureImageEncoder(self.embed_dim)
+      self.image = encoders.FeatureImageEncoder(self.embed_dim, dtype=self.dtype)
     elif self.image_input == "pixels":
-      self.image = encoders.PixelImageEncoder(self.embed_dim)
+      self.image = encoders.PixelImageEncoder(self.embed_dim, dtype=self.dtype)
     else:
       raise ValueError(f"model.image_input must be 'features' or 'pixels', "
                        f"got {self.image_input!r}")
-    self.user = encoders.UserEncoder(self.num_users, self.embed_dim, self.user_dim)
+    self.user = encoders.UserEncoder(self.num_users, self.embed_dim, self.user_dim,
+                                     dtype=self.dtype)
 
   def embed_text(self, tokens, text_mask):
     return self.text(tokens, text_mask)
@@ -67,4 +69,5 @@ def build_model(config: ml_collections.ConfigDict, metadata: Mapping) -> DU2MCE:
       num_users=metadata["num_users"], vocab_size=metadata["vocab_size"],
       embed_dim=config.embed_dim, word_dim=config.word_dim,
       user_dim=config.user_dim, text_widths=tuple(config.text_widths),
-      text_filters=tuple(config.text_filters), image_input=config.image_input)
+      text_filters=tuple(config.text_filters), image_input=config.image_input,
+      dtype=jnp.dtype(config.dtype))

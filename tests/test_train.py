@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -138,3 +139,24 @@ def test_interrupted_run_resumes_exactly(tmp_path):
   assert int(resumed.step) == int(whole.step) > 0
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.params),
                jax.tree.map(np.asarray, whole.params))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
+  batch, model32 = batch_and_model
+  model16 = model32.clone(dtype=jnp.bfloat16)
+  config = _tiny_config()
+  state = train.create_train_state(jax.random.key(0), model16, batch,
+                                   train.make_optimizer(config, 10))
+  assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+          if hasattr(x, "dtype") and x.ndim} == {np.dtype(np.float32)}
+  emb16 = model16.apply({"params": state.params}, batch)
+  emb32 = model32.apply({"params": state.params}, batch)
+  for k in emb32:
+    assert emb16[k].dtype == jnp.float32
+    np.testing.assert_allclose(emb16[k], emb32[k], atol=2e-2)
+  mesh = train.make_mesh(1)
+  step = train.make_train_step(model16, config.loss, mesh)
+  state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
+                        train.shard_batch(mesh, batch))
+  assert np.isfinite(float(metrics["loss"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
