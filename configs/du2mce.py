@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.l2 = 0.45    # image-text; image-user gets 1 - l1 - l2
   config.loss.margin = 0.2
   config.loss.mining = "all"   # or "hardest"
+  config.loss.candidate_chunk = 0   # > 0: scan candidates in chunks (huge global batches)
 
   config.batch_size = 1000
   config.num_epochs = 20

@@ -19,7 +19,9 @@ sees the candidates of the whole global batch [G, D] through an all-gather over
 `axis_name` (None: a single device, local = global). Each term computes one
 similarity block S = x_local @ y_global^T [b, G]; the other direction's rows,
 y_local . x_global, are the transposed columns of the global matrix, which an
-all-to-all brings home instead of a second matmul.
+all-to-all brings home instead of a second matmul. For large global batches,
+`candidate_chunk` instead scans the candidates in chunks (each recomputed in the
+backward pass), so memory per device is O(b x chunk) rather than O(b x G).
 """
 
 from collections.abc import Mapping
@@ -59,13 +61,45 @@ def hinge(sim, pos, anchor_valid, neg_valid, margin: float, mining: str) -> jnp.
   return jnp.where(anchor_valid, per_anchor, 0.0)
 
 
+def not_hit(own_keys, cand_keys) -> jnp.ndarray:
+  """[b, G]: candidate j shares no identity key with anchor i."""
+  out = True
+  for own, cand in zip(own_keys, cand_keys):
+    out = out & (own[:, None] != cand[None, :])
+  return out
+
+
+def chunked_hinge(anchors, pos, anchor_valid, cands, cand_has, own_keys, cand_keys,
+                  margin: float, mining: str, chunk: int) -> jnp.ndarray:
+  """`hinge` of anchors [b, D] against cands [G, D] in chunks of `chunk`: [b]."""
+  num = cands.shape[0]
+  if num % chunk:
+    raise ValueError(f"loss.candidate_chunk={chunk} must divide the global batch {num}")
+  split = lambda x: x.reshape((num // chunk, chunk) + x.shape[1:])
+
+  @jax.checkpoint
+  def block(cands, cand_has, cand_keys):
+    ok = cand_has[None, :] & not_hit(own_keys, cand_keys)
+    return hinge(anchors @ cands.T, pos, anchor_valid, ok, margin, mining)
+
+  def body(acc, xs):
+    part = block(*xs)
+    return (acc + part if mining == "all" else jnp.maximum(acc, part)), None
+
+  init = jnp.zeros_like(pos)                 # [b], varying like the anchors
+  acc, _ = jax.lax.scan(body, init, (split(cands), split(cand_has),
+                                     tuple(split(k) for k in cand_keys)))
+  return acc
+
+
 def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray], *,
                 lambdas: tuple[float, float], margin: float, mining: str,
-                axis_name: str | None = None):
+                axis_name: str | None = None, candidate_chunk: int = 0):
   """Eq. 1 for the local anchors, negatives from the global batch.
 
   emb: {"text", "image", "user"} -> [b, D] local embeddings; batch: the local
-  batch (needs tokens' text_mask, image_mask, user, text_hash, image_id).
+  batch (needs tokens' text_mask, image_mask, user, text_hash, image_id);
+  candidate_chunk: 0, or the chunk size of the candidate scan.
   Returns (loss, metrics): the local share of the global loss (summing it over
   devices gives Eq. 1) and psum'ed sums/counts per term.
   """
@@ -85,20 +119,27 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
 
   has = presence(batch)
   keys = {m: batch[IDENTITY_KEY[m]] for m in IDENTITY_KEY}
-  g_emb = {m: gather(emb[m]) for m in dict.fromkeys(b for _, b in TERMS.values())}
+  gathered = emb if candidate_chunk else dict.fromkeys(b for _, b in TERMS.values())
+  g_emb = {m: gather(emb[m]) for m in gathered}
   g_has = {m: gather(h) for m, h in has.items()}
   g_keys = {m: gather(k) for m, k in keys.items()}
 
   loss, metrics = 0.0, {}
   for term, (a, b) in TERMS.items():
     valid = has[a] & has[b]
-    not_hit = ((keys[a][:, None] != g_keys[a][None, :])
-               & (keys[b][:, None] != g_keys[b][None, :]))
-    sim = emb[a] @ g_emb[b].T                          # [b, G]: a_i . b_j
     pos = jnp.sum(emb[a] * emb[b], axis=-1)
-    total = (hinge(sim, pos, valid, not_hit & g_has[b][None, :], margin, mining)
-             + hinge(columns(sim), pos, valid, not_hit & g_has[a][None, :],
-                     margin, mining)).sum()
+    own, cand = (keys[a], keys[b]), (g_keys[a], g_keys[b])
+    if candidate_chunk:
+      total = (chunked_hinge(emb[a], pos, valid, g_emb[b], g_has[b], own, cand,
+                             margin, mining, candidate_chunk)
+               + chunked_hinge(emb[b], pos, valid, g_emb[a], g_has[a], own, cand,
+                               margin, mining, candidate_chunk)).sum()
+    else:
+      ok = not_hit(own, cand)
+      sim = emb[a] @ g_emb[b].T                        # [b, G]: a_i . b_j
+      total = (hinge(sim, pos, valid, ok & g_has[b][None, :], margin, mining)
+               + hinge(columns(sim), pos, valid, ok & g_has[a][None, :],
+                       margin, mining)).sum()
     pairs = psum(valid.sum())
     loss += weights[term] * total / jnp.maximum(pairs, 1)
     metrics[f"{term}_loss_sum"] = psum(total)

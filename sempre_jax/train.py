@@ -76,7 +76,8 @@ def make_train_step(model: nn.Module, loss_config: ml_collections.ConfigDict, me
       emb = model.apply({"params": params}, batch)
       return losses.du2mce_loss(
           emb, batch, lambdas=(loss_config.l1, loss_config.l2),
-          margin=loss_config.margin, mining=loss_config.mining, axis_name=AXIS)
+          margin=loss_config.margin, mining=loss_config.mining, axis_name=AXIS,
+          candidate_chunk=loss_config.candidate_chunk)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)

@@ -107,16 +107,16 @@ def to_jnp(tree):
   return jax.tree.map(jnp.asarray, tree)
 
 
-def loss_fn(emb, batch, lambdas, mining="all", margin=MARGIN):
+def loss_fn(emb, batch, lambdas, mining="all", margin=MARGIN, chunk=0):
   """Single-device (loss, metrics) of losses.du2mce_loss."""
   return losses.du2mce_loss(to_jnp(emb), to_jnp(batch), lambdas=lambdas,
-                            margin=margin, mining=mining)
+                            margin=margin, mining=mining, candidate_chunk=chunk)
 
 
-def grad_fn(emb, batch, lambdas, mining="all"):
+def grad_fn(emb, batch, lambdas, mining="all", chunk=0):
   """Single-device gradient of the loss wrt the embeddings."""
-  f = lambda e: losses.du2mce_loss(e, to_jnp(batch), lambdas=lambdas,
-                                   margin=MARGIN, mining=mining)[0]
+  f = lambda e: losses.du2mce_loss(e, to_jnp(batch), lambdas=lambdas, margin=MARGIN,
+                                   mining=mining, candidate_chunk=chunk)[0]
   return jax.grad(f)(to_jnp(emb))
 
 
@@ -274,22 +274,24 @@ def shard(mesh, tree):
   return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
 
 
-def sharded_loss(mesh, emb, batch, lambdas, mining):
+def sharded_loss(mesh, emb, batch, lambdas, mining, chunk=0):
   """(per-device local losses [4], psum'ed metrics) under shard_map."""
   def f(e, b):
     loss, metrics = losses.du2mce_loss(e, b, lambdas=lambdas, margin=MARGIN,
-                                       mining=mining, axis_name="data")
+                                       mining=mining, axis_name="data",
+                                       candidate_chunk=chunk)
     return loss[None], metrics
   f = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data")),
                             out_specs=(P("data"), P())))
   return f(shard(mesh, emb), shard(mesh, batch))
 
 
-def sharded_grad(mesh, emb, batch, lambdas, mining):
+def sharded_grad(mesh, emb, batch, lambdas, mining, chunk=0):
   """Gradient wrt the (sharded) embeddings of the per-device local loss."""
   def f(e, b):
     local = lambda e: losses.du2mce_loss(e, b, lambdas=lambdas, margin=MARGIN,
-                                         mining=mining, axis_name="data")[0]
+                                         mining=mining, axis_name="data",
+                                         candidate_chunk=chunk)[0]
     return jax.grad(local)(e)
   f = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data")),
                             out_specs=P("data")))
@@ -343,3 +345,43 @@ def test_remote_hard_negative_is_used(mesh):
                              atol=1e-4)
   local_row = ref_grad_row(emb, batch, "text", remote, groups=on_device, **kw)
   assert np.abs(row - local_row).max() > 1e-3
+
+
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+def test_candidate_chunks_match_reference_on_one_and_four_devices(mesh, mining):
+  """Scanning candidates in chunks changes memory, not the loss or its gradient."""
+  rng = np.random.default_rng(5)
+  lambdas = (0.2, 0.5)
+  batch, emb = make_batch(rng, 16), make_emb(rng, 16)
+  expected = ref_loss(emb, batch, lambdas, mining=mining)
+  full_grads = grad_fn(emb, batch, lambdas, mining)
+  loss, _ = loss_fn(emb, batch, lambdas, mining, chunk=4)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  chunk_grads = grad_fn(emb, batch, lambdas, mining, chunk=4)
+  _, metrics = sharded_loss(mesh, emb, batch, lambdas, mining, chunk=8)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  sharded = sharded_grad(mesh, emb, batch, lambdas, mining, chunk=8)
+  for m in emb:
+    np.testing.assert_allclose(chunk_grads[m], full_grads[m], atol=1e-5)
+    np.testing.assert_allclose(sharded[m], full_grads[m], atol=1e-5)
+
+
+def test_candidate_chunk_must_divide_the_global_batch():
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="candidate_chunk=5"):
+    loss_fn(make_emb(rng, 12), make_batch(rng, 12), (0.1, 0.45), chunk=5)
+
+
+def test_candidate_chunks_bound_the_memory():
+  """Compiled temp memory of the loss gradient: O(b x G) full, O(b x chunk) chunked."""
+  rng = np.random.default_rng(0)
+  batch, emb = to_jnp(make_batch(rng, 2048)), to_jnp(make_emb(rng, 2048, 16))
+  temp = {}
+  for chunk in (0, 128):
+    f = lambda e, chunk=chunk: losses.du2mce_loss(
+        e, batch, lambdas=(0.1, 0.45), margin=MARGIN, mining="all",
+        candidate_chunk=chunk)[0]
+    temp[chunk] = jax.jit(jax.grad(f)).lower(emb).compile().memory_analysis() \
+        .temp_size_in_bytes
+  assert temp[0] > 2048 * 2048 * 4            # at least one [G, G] f32 matrix
+  assert temp[128] < temp[0] / 16
