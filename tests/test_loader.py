@@ -1,9 +1,11 @@
 """Per-process shuffled batches, epoch coverage, and resumable iterator state."""
 
+import os
+
 import numpy as np
 import pytest
 
-from input_pipeline import loader, synthetic
+from input_pipeline import loader, records, synthetic
 
 SPEC = synthetic.CorpusSpec(num_users=20, num_topics=4, posts_per_user=12,
                             feature_dim=8, seed=1)
@@ -69,3 +71,24 @@ def test_restored_state_replays_the_same_batches(data):
 def test_too_few_shards_for_the_processes_is_an_error(data):
   with pytest.raises(ValueError, match="train shards"):
     _iterator(data, process_index=5, process_count=6)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_shard_fails_with_file_and_record(tmp_path, damage):
+  d = str(tmp_path)
+  meta = synthetic.write_corpus(SPEC, d, {"test": 0.1}, num_shards=2)
+  shard = os.path.join(d, meta["splits"]["train"]["shards"][1])
+  data = bytearray(open(shard, "rb").read())
+  offsets = np.fromfile(shard + ".index", dtype="<i8")
+  if damage == "truncate":
+    data = data[:offsets[-1] + 30]
+  else:
+    data[offsets[3] + 40] ^= 0x01
+  open(shard, "wb").write(bytes(data))
+  it = loader.train_iterator(d, meta, batch_size=8, image_input="features",
+                             image_key="image_features", seed=0)
+  record = len(offsets) - 1 if damage == "truncate" else 3
+  with pytest.raises(records.CorruptRecordError,
+                     match=rf"{os.path.basename(shard)}: record {record} "):
+    for _ in range(2 * meta["splits"]["train"]["num_posts"]):
+      next(it)
