@@ -160,7 +160,6 @@ class Progress:
   """Sums metrics between log lines and reports rate and ETA."""
   total_steps: int
   batch_size: int
-  start_step: int
 
   def __post_init__(self):
     self.sums, self.steps, self.t0 = {}, 0, time.time()
@@ -271,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   train_step = make_train_step(model, config.loss, mesh)
   writer = SummaryWriter(workdir) if lead else None
-  progress = Progress(total_steps, config.batch_size, start)
+  progress = Progress(total_steps, config.batch_size)
   preemption = Preemption()
   try:
     for step in range(start + 1, total_steps + 1):
