@@ -11,7 +11,6 @@ a vocabulary word in training get the mean vector).
 
 from collections.abc import Iterable, Sequence
 
-import gensim
 import numpy as np
 from scipy import sparse
 
@@ -19,14 +18,15 @@ INIT_FILE = "word2vec_init.npz"
 
 
 def train(sentences: Iterable[Sequence[str]], dim: int = 300, epochs: int = 5,
-          workers: int = 2, seed: int = 0) -> gensim.models.Word2Vec:
-  """Skip-gram Word2Vec on a restartable iterable of word lists."""
+          workers: int = 2, seed: int = 0):
+  """Skip-gram Word2Vec (a gensim model) on a restartable iterable of word lists."""
+  import gensim   # imported here: readers of INIT_FILE need no gensim
   return gensim.models.Word2Vec(sentences=sentences, vector_size=dim, window=5,
                                 min_count=1, sg=1, epochs=epochs, workers=workers,
                                 seed=seed)
 
 
-def word_matrix(model: gensim.models.Word2Vec, vocab: Sequence[str]) -> np.ndarray:
+def word_matrix(model, vocab: Sequence[str]) -> np.ndarray:
   """[V, dim] vectors in vocabulary order (row 0 <pad> = 0; unknown -> mean)."""
   kv = model.wv
   mean = kv.vectors.mean(0) if len(kv) else np.zeros(kv.vector_size, np.float32)
