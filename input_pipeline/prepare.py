@@ -130,8 +130,9 @@ def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
   image = _field(post, options.image_field)
   if not raw_text.strip() and image is None:
     return BadRecord("no_text_no_image", line_no, post_id)
+  stamp = post.get(options.timestamp_field)   # absent: 0; unreadable: None (noted)
   return dict(post_id=post_id, user_id=user, text=raw_text, image=image,
-              timestamp=parse_timestamp(post.get(options.timestamp_field)))
+              timestamp=0 if stamp is None else parse_timestamp(stamp))
 
 
 def _field(post: dict, name: str) -> str | None:
