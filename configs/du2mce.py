@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.text_filters = (512, 256, 256)
   config.model.image_input = "features"   # or "pixels" (needs data with image_size > 0)
   config.model.dtype = "float32"          # compute dtype: "bfloat16" for mixed precision
+  config.model.init_from_word2vec = True  # word/user tables from the data's word2vec_init.npz
 
   config.loss = ml_collections.ConfigDict()
   config.loss.l1 = 0.1     # text-user

@@ -234,15 +234,27 @@ def shard_name(split: str, index: int, count: int) -> str:
 def write_split(directory: str, split: str, posts: Iterable[Mapping],
                 num_shards: int) -> dict:
   """Writes posts round-robin into `num_shards` shards; returns the split's metadata."""
-  buckets = [[] for _ in range(num_shards)]
-  for i, post in enumerate(posts):
-    buckets[i % num_shards].append(serialize(post))
-  shards, counts = [], []
-  for i, payloads in enumerate(buckets):
-    name = shard_name(split, i, num_shards)
-    counts.append(write_shard(os.path.join(directory, name), payloads))
-    shards.append(name)
-  return {"num_posts": int(sum(counts)), "shards": shards, "shard_sizes": counts}
+  return write_payloads(directory, split, (serialize(p) for p in posts), num_shards)
+
+
+def write_payloads(directory: str, split: str, payloads: Iterable[bytes],
+                   num_shards: int) -> dict:
+  """Streams serialized records round-robin into `num_shards` shards (with `.index`)."""
+  names = [shard_name(split, i, num_shards) for i in range(num_shards)]
+  files = [open(os.path.join(directory, n), "wb") for n in names]
+  offsets = [[] for _ in names]
+  try:
+    for i, payload in enumerate(payloads):
+      f = files[i % num_shards]
+      offsets[i % num_shards].append(f.tell())
+      f.write(frame(payload))
+  finally:
+    for f in files:
+      f.close()
+  for name, offs in zip(names, offsets):
+    np.asarray(offs, dtype="<i8").tofile(os.path.join(directory, name) + ".index")
+  counts = [len(o) for o in offsets]
+  return {"num_posts": int(sum(counts)), "shards": names, "shard_sizes": counts}
 
 
 def write_metadata(directory: str, metadata: Mapping) -> None:

@@ -9,6 +9,7 @@ is added. No sorting: ranks are counts over all candidates.
 
 Tasks (queries -> candidates, ground truth):
   text->user   every text of the split -> all users, its author.
+  text->user (2+ posts)  the same, only texts whose author has 2+ training posts.
   image->text  unique images of the split (at most `max_image_text_pairs`) ->
                the texts of the posts carrying those images, the texts of the
                image's own posts.
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from input_pipeline import loader, synthetic
+from input_pipeline import loader, records, synthetic
 from sempre_jax import models
 
-TASKS = ("text->user", "image->text", "image->user")
+TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user")
 RECALL_AT = (1, 5, 10)
 
 
@@ -93,6 +94,7 @@ class RetrievalEvaluator:
     self.split = config.split
     self.texts = {k: posts[k][posts["text_mask"].any(1)]
                   for k in ("tokens", "text_mask", "user")}
+    self.repeat_author = train_posts_per_user(data_dir, metadata)[self.texts["user"]] >= 2
     self._images_and_captions(posts, config.max_image_text_pairs)
     oracle_path = os.path.join(data_dir, synthetic.ORACLE_FILE)
     self.oracle = (self._oracle_metrics(synthetic.Oracle.load(oracle_path), posts)
@@ -126,9 +128,11 @@ class RetrievalEvaluator:
   def _metrics(self, text_user, image_text, image_user) -> dict:
     n_img, n_caps = len(self.image_caption_gt), len(self.captions["tokens"])
     text_gt = [np.array([u]) for u in self.texts["user"]]
+    text_ranks = exact_ranks(text_user, len(text_gt), text_gt, self.num_users)
     return {
-        "text->user": rank_metrics(exact_ranks(
-            text_user, len(text_gt), text_gt, self.num_users), self.num_users),
+        "text->user": rank_metrics(text_ranks, self.num_users),
+        "text->user (2+ posts)": rank_metrics(text_ranks[self.repeat_author],
+                                              self.num_users),
         "image->text": rank_metrics(exact_ranks(
             image_text, n_img, self.image_caption_gt, n_caps), n_caps),
         "image->user": rank_metrics(exact_ranks(
@@ -163,6 +167,17 @@ class RetrievalEvaluator:
     return results
 
 
+def train_posts_per_user(data_dir: str, metadata: Mapping) -> np.ndarray:
+  """[U] number of training posts of each user."""
+  reader = records.ShardReader(loader.split_paths(data_dir, metadata, "train"))
+  parse = records.Parser()
+  try:
+    users = [parse(reader[i])["user"] for i in range(len(reader))]
+  finally:
+    reader.close()
+  return np.bincount(np.asarray(users, np.int64), minlength=metadata["num_users"])
+
+
 def _collect(batches) -> dict[str, np.ndarray]:
   parts = list(batches)
   if not parts:
@@ -174,7 +189,7 @@ def _collect(batches) -> dict[str, np.ndarray]:
 
 def format_table(results: Mapping) -> str:
   """A readable table of model (and oracle) metrics per task."""
-  head = (f"{'task':<12} {'queries':>7} {'cands':>6} {'random':>7} | {'median':>7} "
+  head = (f"{'task':<21} {'queries':>7} {'cands':>6} {'random':>7} | {'median':>7} "
           f"{'mean':>7} {'R@1':>5} {'R@5':>5} {'R@10':>5}")
   has_oracle = "oracle" in results
   if has_oracle:
@@ -183,9 +198,9 @@ def format_table(results: Mapping) -> str:
   for task in TASKS:
     r = results[task]
     if not r.get("queries"):
-      lines.append(f"{task:<12} {'(no queries in this split)':>30}")
+      lines.append(f"{task:<21} {'(no queries in this split)':>30}")
       continue
-    line = (f"{task:<12} {r['queries']:>7} {r['candidates']:>6} "
+    line = (f"{task:<21} {r['queries']:>7} {r['candidates']:>6} "
             f"{r['random_median_rank']:>7.1f} | {r['median_rank']:>7.1f} "
             f"{r['mean_rank']:>7.1f} {r['R@1']:>5.2f} {r['R@5']:>5.2f} {r['R@10']:>5.2f}")
     if has_oracle:

@@ -3,12 +3,15 @@
 DU2MCE: three independent towers (text, image, user) into one D-dim space.
 """
 
+import os
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from input_pipeline import word2vec
 from sempre_jax import encoders
 
 MODALITIES = ("text", "image", "user")
@@ -71,3 +74,24 @@ def build_model(config: ml_collections.ConfigDict, metadata: Mapping) -> DU2MCE:
       user_dim=config.user_dim, text_widths=tuple(config.text_widths),
       text_filters=tuple(config.text_filters), image_input=config.image_input,
       dtype=jnp.dtype(config.dtype))
+
+
+def init_from_word2vec(params: Mapping, data_dir: str) -> dict:
+  """Params with word and user embeddings from `data_dir`/word2vec_init.npz.
+
+  words [V, word_dim] -> params["text"]["word_embed"]["embedding"] and users
+  [U, user_dim] -> params["user"]["user_embed"]["embedding"]; the rest is kept.
+  """
+  path = os.path.join(data_dir, word2vec.INIT_FILE)
+  with np.load(path) as z:
+    tables = {("text", "word_embed"): z["words"], ("user", "user_embed"): z["users"]}
+  out = {k: dict(v) for k, v in params.items()}
+  for (tower, name), table in tables.items():
+    old = params[tower][name]["embedding"]
+    if table.shape != old.shape:
+      raise ValueError(
+          f"{path}: {name} is {list(table.shape)} but the model's is {list(old.shape)}: "
+          "set model.word_dim/user_dim to the Word2Vec size (launch/prepare_data.py "
+          "--word2vec_dim) or model.init_from_word2vec=False")
+    out[tower][name] = {**params[tower][name], "embedding": jnp.asarray(table, old.dtype)}
+  return out

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
-from input_pipeline import loader, records, synthetic
+from input_pipeline import loader, records, synthetic, word2vec
 from sempre_jax import evaluation, losses, models
 
 AXIS = "data"
@@ -251,6 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   fresh_data_state = data_iter.get_state()
   example = jax.tree.map(lambda x: x[:1], next(data_iter))
   state = create_train_state(jax.random.key(config.seed), model, example, tx)
+  if config.model.init_from_word2vec and os.path.exists(
+      os.path.join(data_dir, word2vec.INIT_FILE)):
+    state = state.replace(params=models.init_from_word2vec(state.params, data_dir))
   state = jax.device_put(state, NamedSharding(mesh, P()))
 
   ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)

@@ -1,0 +1,271 @@
+"""The prepare job: bad input reported (never fatal), leakage-free splits on real
+tweets, Word2Vec initialisation reaching the model, a corpus without images."""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import sparse
+
+from configs import du2mce
+from input_pipeline import loader, prepare, records, text, word2vec
+from sempre_jax import evaluation, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWEETS = os.path.join(ROOT, "..", "shared", "data", "mediaeval2016", "posts.jsonl")
+WORDS = ["storm", "flood", "shark", "street", "city", "rescue", "river", "night"]
+
+
+def _png(mode, size=(20, 12), color=None):
+  buf = io.BytesIO()
+  fmt = "JPEG" if mode == "CMYK" else "PNG"
+  Image.new(mode, size, color if color is not None else (
+      (10, 200, 30, 40)[:len(mode)] if mode != "P" else 3)).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _read_split(data_dir, split):
+  meta = records.read_metadata(data_dir)
+  paths = loader.split_paths(data_dir, meta, split)
+  reader, parse = records.ShardReader(paths), records.Parser()
+  out = [parse(reader[i]) for i in range(len(reader))]
+  reader.close()
+  return out
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+  """A crawl with every kind of bad input; returns (dir, expected valid post ids)."""
+  d = tmp_path_factory.mktemp("crawl")
+  (d / "images").mkdir()
+  (tmp_path_factory.getbasetemp() / "outside.png").write_bytes(_png("RGB"))
+  for name, data in {"rgb.png": _png("RGB"), "grey.png": _png("L"),
+                     "cmyk.jpg": _png("CMYK"), "rgba.png": _png("RGBA"),
+                     "palette.png": _png("P"), "corrupt.jpg": b"not an image at all",
+                     "truncated.png": _png("RGB", (64, 64))[:-40] ,
+                     "bomb.png": _png("L", (3000, 3000), 0)}.items():
+    (d / "images" / name).write_bytes(data)
+  trunc = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+      trunc, format="JPEG")
+  (d / "images" / "truncated.jpg").write_bytes(trunc.getvalue()[:len(trunc.getvalue()) // 2])
+  os.symlink(tmp_path_factory.getbasetemp() / "outside.png", d / "images" / "link.png")
+  rng = np.random.default_rng(0)
+  lines, valid = [], []
+
+  def post(pid, user="u1", words=None, image=None, **extra):
+    t = " ".join(rng.choice(WORDS, 6)) if words is None else words
+    return json.dumps({"post_id": pid, "user_id": user, "text": t, "image": image,
+                       "timestamp": "Wed Apr 17 18:57:37 +0000 2013", **extra})
+
+  for i in range(30):
+    lines.append(post(f"ok{i}", user=f"u{i % 3}")); valid.append(f"ok{i}")
+  for i, img in enumerate(["rgb.png", "grey.png", "cmyk.jpg", "rgba.png", "palette.png"]):
+    lines.append(post(f"img{i}", image=f"images/{img}")); valid.append(f"img{i}")
+  lines.append(b'{"post_id": "broken", "user_id": "u1", "text": "a'.decode())  # malformed
+  lines.append(None)                                                          # bad UTF-8
+  lines.append(json.dumps({"post_id": "nouser", "text": "storm flood"}))
+  lines.append(json.dumps({"post_id": "empty", "user_id": "u1", "text": "", "image": None}))
+  lines.append(post("ok0"))                                                   # duplicate id
+  for pid, img in [("corrupt", "images/corrupt.jpg"), ("trunc", "images/truncated.jpg"),
+                   ("bomb", "images/bomb.png"), ("escape", "../outside.png"),
+                   ("abs", str(tmp_path_factory.getbasetemp() / "outside.png")),
+                   ("link", "images/link.png"), ("missing", "images/nope.png")]:
+    lines.append(post(pid, image=img)); valid.append(pid)   # keeps its text
+  lines.append(post("urlonly", words="http://t.co/x @cnn :)", image="images/rgb.png"))
+  valid.append("urlonly")                                   # keeps its image
+  lines.append(post("nothing", words="http://t.co/y", image="images/corrupt.jpg"))
+  path = d / "posts.jsonl"
+  with open(path, "wb") as f:
+    for line in lines:
+      f.write(b'{"post_id": "utf", "user_id": "u1", "text": "\xff\xfe"}\n' if line is None
+              else line.encode() + b"\n")
+  return str(path), valid
+
+
+EXPECTED = {"malformed_json": 1, "invalid_utf8": 1, "missing_user_id": 1,
+            "no_text_no_image": 1, "duplicate_post_id": 1, "corrupt_image": 2,
+            "truncated_image": 1, "image_too_large": 1, "image_outside_corpus": 3,
+            "image_missing": 1, "non_rgb_image": 4, "empty_text_after_cleaning": 2,
+            "nothing_left_after_cleaning": 1}
+
+
+@pytest.fixture(scope="module")
+def prepared_bad(bad_corpus, tmp_path_factory):
+  posts, valid = bad_corpus
+  out = str(tmp_path_factory.mktemp("prepared"))
+  options = prepare.Options(test_fraction=0, validation_fraction=0, min_count=2,
+                            max_image_pixels=1_000_000, image_size=16, word2vec_dim=8,
+                            workers=1)
+  return prepare.prepare(posts, out, options, log=lambda *a: None), out, valid
+
+
+def test_every_bad_input_is_counted_and_every_valid_post_is_written(prepared_bad):
+  report, out, valid = prepared_bad
+  assert {r: p["count"] for r, p in report["problems"].items()} == EXPECTED
+  assert report["problems"]["malformed_json"]["examples"] == ["line 36"]
+  assert report["posts_valid"] == report["posts_written"] == len(valid)
+  written = _read_split(out, "train")
+  assert sorted(str(p["post_id"], "utf-8") for p in written) == sorted(valid)
+  by_id = {str(p["post_id"], "utf-8"): p for p in written}
+  assert by_id["urlonly"]["image_mask"] and not by_id["urlonly"]["text_mask"].any()
+  assert not by_id["corrupt"]["image_mask"] and by_id["corrupt"]["text_mask"].any()
+  assert by_id["img0"]["image_id"] == by_id["urlonly"]["image_id"]       # same file
+  assert json.load(open(os.path.join(out, prepare.REPORT_FILE)))["posts_written"] == len(valid)
+
+
+def test_strict_stops_at_the_first_bad_record(bad_corpus, tmp_path):
+  posts, _ = bad_corpus
+  with pytest.raises(prepare.PrepareError, match="line 36: malformed_json"):
+    prepare.prepare(posts, str(tmp_path), prepare.Options(strict=True, workers=1))
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"),
+                        f"--posts={posts}", f"--out={tmp_path}", "--strict", "--workers=1"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  assert run.returncode != 0 and "line 36: malformed_json" in run.stderr
+
+
+# ------------------------------------------------------------- word2vec ------
+
+def test_word2vec_rows_and_user_means_match_gensim():
+  sentences = [["storm", "flood", "city"], ["shark", "storm"], ["city", "night"]] * 5
+  model = word2vec.train(sentences, dim=8, epochs=2, workers=1)
+  vocab = [text.PAD, text.UNK, "storm", "city", "flood", "shark", "night"]
+  words = word2vec.word_matrix(model, vocab)
+  for i, w in enumerate(vocab[2:], 2):
+    np.testing.assert_array_equal(words[i], model.wv[w])
+  assert not words[0].any()
+  users = np.array([0, 0, 0, 1, 1, 0])
+  token_ids = np.array([2, 3, 1, 5, 2, 0])   # unk and pad are not words
+  means = word2vec.user_means(words, users, token_ids, 3)
+  np.testing.assert_allclose(means[0], (model.wv["storm"] + model.wv["city"]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(means[1], (model.wv["shark"] + model.wv["storm"]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(means[2], words[2:].mean(0), rtol=1e-6)   # no words
+
+
+def _tiny_config(data_dir, dim, **overrides):
+  config = du2mce.get_config()
+  config.data.dir = data_dir
+  config.model.update(embed_dim=16, word_dim=dim, user_dim=dim, text_filters=(8, 8, 8),
+                      image_input="pixels")
+  config.update({"batch_size": 8, "num_epochs": 0, "log_every_steps": 1, **overrides})
+  config.eval.batch_size = 32
+  return config
+
+
+def test_word2vec_initialisation_reaches_the_model(prepared_bad, bad_corpus, tmp_path):
+  report, out, _ = prepared_bad
+  config = _tiny_config(out, 8)
+  config.eval.split = "train"
+  state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
+  init = np.load(os.path.join(out, word2vec.INIT_FILE))
+  np.testing.assert_array_equal(state.params["text"]["word_embed"]["embedding"], init["words"])
+  np.testing.assert_array_equal(state.params["user"]["user_embed"]["embedding"], init["users"])
+  # Independently: each user's row is the mean of the vectors of its training words.
+  vocab = open(os.path.join(out, "vocab.txt")).read().split("\n")[:-1]
+  index = {w: i for i, w in enumerate(vocab)}
+  raw = {}
+  for line in open(bad_corpus[0], "rb"):
+    try:
+      p = json.loads(line)
+      raw.setdefault(p["post_id"], p)
+    except ValueError:
+      pass
+  tokens = collections.defaultdict(list)
+  for rec in _read_split(out, "train"):
+    words = text.clean_text(raw[str(rec["post_id"], "utf-8")]["text"])
+    tokens[int(rec["user"])] += [index[w] for w in words if w in index]
+  for u, ids in tokens.items():
+    np.testing.assert_allclose(init["users"][u], init["words"][ids].mean(0), rtol=1e-5)
+  config.model.word_dim = 16
+  with pytest.raises(ValueError, match="word_embed"):
+    train.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+# ------------------------------------------------------ a corpus without images --
+
+def test_text_only_corpus_trains_and_evaluates(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  lines = [json.dumps({"post_id": str(i), "user_id": f"u{i % 6}", "subject": "re",
+                       "text": " ".join(rng.choice(WORDS, 8)) + f" w{i}"})
+           for i in range(240)]
+  (tmp_path / "posts.jsonl").write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "data")
+  report = prepare.prepare(str(tmp_path / "posts.jsonl"), out, prepare.Options(
+      text_fields=("subject", "text"), word2vec_dim=8, workers=1), log=lambda *a: None)
+  assert report["num_images"] == 0 and any("no images" in n for n in report["notes"])
+  train_users = {int(p["user"]) for p in _read_split(out, "train")}
+  test_posts = _read_split(out, "test")
+  assert test_posts and {int(p["user"]) for p in test_posts} <= train_users
+  _, results = train.train_and_evaluate(_tiny_config(out, 8, num_epochs=1), str(tmp_path / "r"))
+  table = capsys.readouterr().out
+  assert "image->text" in table and "(no queries in this split)" in table
+  counts = np.bincount([int(p["user"]) for p in _read_split(out, "train")])
+  texts = [p for p in test_posts if p["text_mask"].any()]
+  assert results["text->user (2+ posts)"]["queries"] == sum(
+      counts[int(p["user"])] >= 2 for p in texts)
+  assert results["image->text"]["queries"] == 0
+
+
+# ------------------------------------------------------------ real tweets ----
+
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory):
+  if not os.path.exists(TWEETS):
+    pytest.skip(f"real data not found at {TWEETS}")
+  out = str(tmp_path_factory.mktemp("tweets"))
+  report = prepare.prepare(TWEETS, out, prepare.Options(
+      held_out_authors="any", seed=3, word2vec_dim=0, workers=2), log=lambda *a: None)
+  return report, out
+
+
+def _pixel_hash(path):
+  with Image.open(path) as img:
+    rgb = img.convert("RGB")
+  return hashlib.sha256(rgb.tobytes()).hexdigest()
+
+
+def test_real_tweets_no_image_or_near_duplicate_text_in_two_splits(tweets):
+  report, out = tweets
+  assert report["posts_written"] == report["posts_valid"] > 15_000
+  raw = {}
+  with open(TWEETS) as f:
+    for line in f:
+      p = json.loads(line)
+      raw[p["post_id"]] = p
+  folder = os.path.dirname(TWEETS)
+  hashes, split_of_hash, sets, split_of_set = {}, {}, {}, {}
+  for split in records.SPLITS:
+    for rec in _read_split(out, split):
+      p = raw[str(rec["post_id"], "utf-8")]
+      if rec["image_mask"]:
+        if p["image"] not in hashes:
+          hashes[p["image"]] = _pixel_hash(os.path.join(folder, p["image"]))
+        split_of_hash.setdefault(hashes[p["image"]], set()).add(split)
+      words = frozenset(text.clean_text(p["text"]))
+      if words:
+        split_of_set.setdefault(words, set()).add(split)
+  assert all(len(s) == 1 for s in split_of_hash.values())
+  assert all(len(s) == 1 for s in split_of_set.values())      # exact duplicates
+  # Near-duplicates, brute force: Jaccard >= 0.8 between word sets of two splits.
+  keys = list(split_of_set)
+  vocab = {w: i for i, w in enumerate({w for k in keys for w in k})}
+  rows = np.repeat(np.arange(len(keys)), [len(k) for k in keys])
+  cols = [vocab[w] for k in keys for w in k]
+  x = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(keys), len(vocab)))
+  split = np.array([next(iter(split_of_set[k])) for k in keys])
+  sizes = np.asarray(x.sum(1)).ravel()
+  for a in records.SPLITS:
+    for b in records.SPLITS:
+      if a < b and (split == a).any() and (split == b).any():
+        ia, ib = np.flatnonzero(split == a), np.flatnonzero(split == b)
+        inter = (x[ia] @ x[ib].T).tocoo()
+        jac = inter.data / (sizes[ia][inter.row] + sizes[ib][inter.col] - inter.data)
+        assert not (jac >= 0.8 - 1e-9).any(), (a, b)
