@@ -11,6 +11,7 @@ the global-batch loss (Eq. 1), identical to one device on the same batch.
 
 import dataclasses
 import os
+import re
 import signal
 import time
 from collections.abc import Mapping
@@ -190,6 +191,12 @@ class Progress:
     return scalars, line
 
 
+def _tag(*parts: str) -> str:
+  """A TensorBoard tag: "text->user (2+ posts)", "R@1" -> "text_to_user_2_posts", "R_at_1"."""
+  clean = lambda p: re.sub(r"[^\w.]+", "_", p.replace("->", "_to_").replace("@", "_at_"))
+  return "/".join(clean(p).strip("_") for p in parts)
+
+
 def _duration(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 \
@@ -311,6 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     evaluation.write_results(results, os.path.join(workdir, f"eval_{config.eval.split}.json"))
     for task in evaluation.TASKS:
       for k, v in results[task].items():
-        writer.add_scalar(f"{config.eval.split}/{task.replace('->', '_to_')}/{k.replace('@', '_at_')}", v, total_steps)
+        writer.add_scalar(_tag(config.eval.split, task, k), v, total_steps)
     writer.close()
   return state, results
