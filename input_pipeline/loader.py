@@ -63,12 +63,12 @@ def train_iterator(data_dir: str, metadata: Mapping, *, batch_size: int,
   if len(source) < batch_size:
     raise ValueError(f"process {process_index} has {len(source)} train records, "
                      f"fewer than its batch of {batch_size}")
-  parse = make_parser(metadata, image_input)
+  parser = make_parser(metadata, image_input)
+  to_batch = lambda payloads: model_inputs(parser.batch(payloads), image_key)
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat(None)
-        .map(lambda payload: model_inputs(parse(payload), image_key))
-        .batch(batch_size, drop_remainder=True))
+        .batch(batch_size, drop_remainder=True, batch_fn=to_batch))
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
   return iter(ds.to_iter_dataset(options))
 
@@ -77,10 +77,10 @@ def eval_batches(data_dir: str, metadata: Mapping, split: str, batch_size: int,
                  image_input: str) -> Iterator[dict[str, np.ndarray]]:
   """All records of a split in file order, as batches of parsed examples."""
   source = records.ShardReader(split_paths(data_dir, metadata, split))
-  parse = records.Parser(  # features always (the oracle reads them), pixels if used
+  parser = records.Parser(  # features always (the oracle reads them), pixels if used
       feature_dim=metadata.get("feature_dim", 0),
       image_size=metadata.get("image_size", 0) if image_input == "pixels" else 0)
-  ds = grain.MapDataset.source(source).map(parse).batch(batch_size)
+  ds = grain.MapDataset.source(source).batch(batch_size, batch_fn=parser.batch)
   try:
     yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=2))
   finally:
