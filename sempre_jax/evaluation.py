@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from input_pipeline import loader, records, synthetic
+from input_pipeline import loader, synthetic
 from sempre_jax import models
 
 TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user")
@@ -169,13 +169,11 @@ class RetrievalEvaluator:
 
 def train_posts_per_user(data_dir: str, metadata: Mapping) -> np.ndarray:
   """[U] number of training posts of each user."""
-  reader = records.ShardReader(loader.split_paths(data_dir, metadata, "train"))
-  parse = records.Parser()
-  try:
-    users = [parse(reader[i])["user"] for i in range(len(reader))]
-  finally:
-    reader.close()
-  return np.bincount(np.asarray(users, np.int64), minlength=metadata["num_users"])
+  counts = np.zeros([metadata["num_users"]], np.int64)
+  for batch in loader.eval_batches(data_dir, {**metadata, "feature_dim": 0}, "train",
+                                   4096, "features"):
+    counts += np.bincount(batch["user"], minlength=len(counts))
+  return counts
 
 
 def _collect(batches) -> dict[str, np.ndarray]:
