@@ -10,6 +10,7 @@ the global-batch loss (Eq. 1), identical to one device on the same batch.
 """
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ from input_pipeline import loader, records, synthetic, word2vec
 from sempre_jax import evaluation, losses, models
 
 AXIS = "data"
+CONFIG_FILE = "config.json"
 
 
 # =================================================================== mesh ===
@@ -231,10 +233,50 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
 
 # =================================================================== loop ===
 
+def report_eval(config: ml_collections.ConfigDict, model: nn.Module, data_dir: str,
+                metadata: Mapping, params, path: str) -> dict:
+  """Evaluates host-local `params`; process 0 prints the table and writes `path`."""
+  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
+  results = evaluator.run(params)
+  if jax.process_index() == 0:
+    print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
+          f"random = half the candidates):")
+    print(evaluation.format_table(results), flush=True)
+    evaluation.write_results(results, path)
+  return results
+
+
+def evaluate_checkpoint(workdir: str, checkpoint: str = "latest") -> dict:
+  """Re-evaluates a checkpoint ("latest" or a step) of a training workdir."""
+  if checkpoint != "latest" and not checkpoint.isdigit():
+    raise ValueError(f"checkpoint must be 'latest' or a step number, got {checkpoint!r}")
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a workdir written by "
+                            "launch/train.py")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  data_dir, metadata = dataset(config, workdir)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  if not steps or (checkpoint != "latest" and int(checkpoint) not in steps):
+    raise ValueError(f"no checkpoint {checkpoint!r} in {directory} (has {steps})")
+  step = steps[-1] if checkpoint == "latest" else int(checkpoint)
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  print(f"Evaluating the checkpoint at step {step} of {workdir}", flush=True)
+  return report_eval(config, models.build_model(config.model, metadata), data_dir,
+                     metadata, state["params"],
+                     os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or resumes) in `workdir`, then evaluates; returns (state, eval results)."""
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
+  if lead:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   data_dir, metadata = dataset(config, workdir)
   mesh = make_mesh(config.get("num_devices"))
   n_dev, n_proc = mesh.devices.size, jax.process_count()
@@ -308,14 +350,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       writer.flush()
 
   # ============================================================ evaluate ===
-  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
   # Every process evaluates on its own first device, from a local copy of the params.
-  results = evaluator.run(jax.tree.map(lambda x: x.addressable_data(0), state.params))
+  results = report_eval(config, model, data_dir, metadata,
+                        jax.tree.map(lambda x: x.addressable_data(0), state.params),
+                        os.path.join(workdir, f"eval_{config.eval.split}.json"))
   if lead:
-    print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
-          f"random = half the candidates):")
-    print(evaluation.format_table(results), flush=True)
-    evaluation.write_results(results, os.path.join(workdir, f"eval_{config.eval.split}.json"))
     for task in evaluation.TASKS:
       for k, v in results[task].items():
         writer.add_scalar(_tag(config.eval.split, task, k), v, total_steps)

@@ -90,6 +90,12 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
     assert model["median_rank"] < 0.5 * model["random_median_rank"], (task, model)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
+  again = subprocess.run([sys.executable, "launch/evaluate.py", f"--workdir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  step = again.stdout.split("checkpoint at step ")[1].split()[0]
+  assert json.load(open(tmp_path / f"eval_test_step{step}.json")) == results
+
   second = _run_main(tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resuming from the checkpoint at step" in second.stdout
