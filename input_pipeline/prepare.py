@@ -39,7 +39,6 @@ import numpy as np
 from input_pipeline import dedup, images, records, splits, text, word2vec
 
 REPORT_FILE = "prepare_report.json"
-VOCAB_FILE = "vocab.txt"
 EXAMPLES = 5
 # Problems that drop a post or part of it (fatal with --strict); others are notes.
 ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id",
@@ -324,7 +323,8 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       indptr=np.r_[0, np.cumsum(lengths, dtype=np.int64)],
       image=np.asarray(cols["image"], np.int64), user=np.asarray(cols["user"], np.int64),
       post_id=cols["post_id"], timestamp=np.asarray(cols["timestamp"], np.int64),
-      line=np.asarray(cols["line"], np.int64), num_users_seen=len(user_index))
+      line=np.asarray(cols["line"], np.int64), num_users_seen=len(user_index),
+      users=list(user_index))
 
 
 # ------------------------------------------------------------- features ------
@@ -491,8 +491,9 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
     index = {w: i for i, w in enumerate(posts["words"])}
     to_vocab[[index[w] for w in vocab[2:]]] = np.arange(2, len(vocab))
     tokens = to_vocab[posts["word_ids"]]
-    with open(os.path.join(out_dir, VOCAB_FILE), "w") as f:
-      f.write("\n".join(vocab) + "\n")
+    records.write_lines(out_dir, records.VOCAB_FILE, vocab)
+    records.write_lines(out_dir, records.USERS_FILE,
+                        (posts["users"][u] for u in user_ids))
 
     if options.word2vec_dim:
       t_w2v = time.time()

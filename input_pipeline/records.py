@@ -37,6 +37,8 @@ MAX_LEN = 20
 PAD_ID = 0
 UNK_ID = 1
 METADATA_FILE = "metadata.json"
+VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
+USERS_FILE = "users.txt"       # original id of each user index, one a line
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 
@@ -248,6 +250,21 @@ def write_payloads(directory: str, split: str, payloads: Iterable[bytes],
 def write_metadata(directory: str, metadata: Mapping) -> None:
   with open(os.path.join(directory, METADATA_FILE), "w") as f:
     json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=1)
+
+
+def write_lines(directory: str, name: str, items) -> None:
+  """One item a line (vocabularies, user ids): line i describes index i."""
+  with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+    f.write("".join(f"{item}\n" for item in items))
+
+
+def read_lines(directory: str, name: str) -> list[str] | None:
+  """The items written by `write_lines`, or None when the file is absent."""
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return f.read().splitlines()
 
 
 def read_metadata(directory: str) -> dict:

@@ -36,7 +36,6 @@ from input_pipeline import records, splits
 
 ORACLE_FILE = "oracle.npz"
 GRAPH_FILE = "graph.npz"
-VOCAB_FILE = "vocab.txt"
 _EPOCH_START = 1_420_070_400  # 2015-01-01 UTC
 
 
@@ -248,8 +247,9 @@ def write_corpus(spec: CorpusSpec, directory: str, split_fractions: Mapping[str,
 
   split_meta = {s: records.write_split(directory, s, posts(s), num_shards)
                 for s in records.SPLITS}
-  with open(os.path.join(directory, VOCAB_FILE), "w") as f:
-    f.write("\n".join(corpus["vocab"]) + "\n")
+  records.write_lines(directory, records.VOCAB_FILE, corpus["vocab"])
+  records.write_lines(directory, records.USERS_FILE,
+                      (f"user{u:05d}" for u in range(spec.num_users)))
   corpus["oracle"].save(os.path.join(directory, ORACLE_FILE))
   np.savez(os.path.join(directory, GRAPH_FILE), follows=corpus["follows"],
            actions=corpus["actions"])

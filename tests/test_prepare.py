@@ -269,3 +269,13 @@ def test_real_tweets_no_image_or_near_duplicate_text_in_two_splits(tweets):
         inter = (x[ia] @ x[ib].T).tocoo()
         jac = inter.data / (sizes[ia][inter.row] + sizes[ib][inter.col] - inter.data)
         assert not (jac >= 0.8 - 1e-9).any(), (a, b)
+
+
+def test_users_file_maps_indices_back_to_original_ids(prepared_bad):
+  report, out, _ = prepared_bad
+  users = records.read_lines(out, records.USERS_FILE)
+  assert len(users) == records.read_metadata(out)["num_users"] == report["users"]
+  for post in _read_split(out, "train"):
+    pid = str(post["post_id"], "utf-8")
+    if pid.startswith("ok"):
+      assert users[post["user"]] == f"u{int(pid[2:]) % 3}"
