@@ -78,6 +78,32 @@ def rank_metrics(ranks: np.ndarray, num_candidates: int) -> dict:
   return out
 
 
+# ---------------------------------------------------------------- embedder --
+
+class Embedder:
+  """One tower at a time over arrays [N, ...] in fixed-size batches -> [N, D].
+
+  The last batch is padded, so each tower compiles once.
+  """
+
+  def __init__(self, model: models.DU2MCE, params, batch_size: int):
+    self.batch_size, self.embed_dim = batch_size, model.embed_dim
+    self._fns = {
+        tower: jax.jit(lambda p, *xs, method=getattr(type(model), f"embed_{tower}"):
+                       model.apply({"params": p}, *xs, method=method))
+        for tower in models.MODALITIES}
+    self._params = params
+
+  def __call__(self, tower: str, *arrays: np.ndarray) -> jnp.ndarray:
+    fn, bs, out = self._fns[tower], self.batch_size, []
+    for start in range(0, len(arrays[0]), bs):
+      chunk = [a[start:start + bs] for a in arrays]
+      pad = bs - len(chunk[0])
+      chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
+      out.append(fn(self._params, *chunk)[:bs - pad])
+    return jnp.concatenate(out) if out else jnp.zeros([0, self.embed_dim])
+
+
 # --------------------------------------------------------------- evaluator --
 
 class RetrievalEvaluator:
@@ -139,25 +165,13 @@ class RetrievalEvaluator:
             image_user, n_img, self.image_user_gt, self.num_users), self.num_users),
     }
 
-  def _embed(self, params, method, *arrays) -> jnp.ndarray:
-    """Embeds arrays [N, ...] in fixed-size batches (one compilation per method)."""
-    fn = jax.jit(lambda p, *xs: self.model.apply({"params": p}, *xs, method=method))
-    n, bs, out = len(arrays[0]), self.batch_size, []
-    for start in range(0, n, bs):
-      chunk = [a[start:start + bs] for a in arrays]
-      pad = bs - len(chunk[0])
-      chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
-      out.append(fn(params, *chunk)[:bs - pad])
-    return jnp.concatenate(out) if out else jnp.zeros([0, self.model.embed_dim])
-
   def run(self, params) -> dict:
     """{task: metrics} for the model, plus "oracle" when the split has one."""
-    m = self.model
-    users = self._embed(params, m.embed_user, np.arange(self.num_users, dtype=np.int32))
-    texts = self._embed(params, m.embed_text, self.texts["tokens"], self.texts["text_mask"])
-    caps = self._embed(params, m.embed_text, self.captions["tokens"],
-                       self.captions["text_mask"])
-    imgs = self._embed(params, m.embed_image, self.images)
+    embed = Embedder(self.model, params, self.batch_size)
+    users = embed("user", np.arange(self.num_users, dtype=np.int32))
+    texts = embed("text", self.texts["tokens"], self.texts["text_mask"])
+    caps = embed("text", self.captions["tokens"], self.captions["text_mask"])
+    imgs = embed("image", self.images)
     results = self._metrics(
         text_user=lambda a, b: texts[a:b] @ users.T,
         image_text=lambda a, b: imgs[a:b] @ caps.T,

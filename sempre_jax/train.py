@@ -246,8 +246,11 @@ def report_eval(config: ml_collections.ConfigDict, model: nn.Module, data_dir: s
   return results
 
 
-def evaluate_checkpoint(workdir: str, checkpoint: str = "latest") -> dict:
-  """Re-evaluates a checkpoint ("latest" or a step) of a training workdir."""
+def restore_checkpoint(workdir: str, checkpoint: str = "latest"):
+  """(config, model, data_dir, metadata, params, step) of a workdir's checkpoint.
+
+  checkpoint: "latest" or a step number. Params come back as host arrays.
+  """
   if checkpoint != "latest" and not checkpoint.isdigit():
     raise ValueError(f"checkpoint must be 'latest' or a step number, got {checkpoint!r}")
   path = os.path.join(workdir, CONFIG_FILE)
@@ -264,9 +267,15 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = "latest") -> dict:
     raise ValueError(f"no checkpoint {checkpoint!r} in {directory} (has {steps})")
   step = steps[-1] if checkpoint == "latest" else int(checkpoint)
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  return (config, models.build_model(config.model, metadata), data_dir, metadata,
+          state["params"], step)
+
+
+def evaluate_checkpoint(workdir: str, checkpoint: str = "latest") -> dict:
+  """Re-evaluates a checkpoint ("latest" or a step) of a training workdir."""
+  config, model, data_dir, metadata, params, step = restore_checkpoint(workdir, checkpoint)
   print(f"Evaluating the checkpoint at step {step} of {workdir}", flush=True)
-  return report_eval(config, models.build_model(config.model, metadata), data_dir,
-                     metadata, state["params"],
+  return report_eval(config, model, data_dir, metadata, params,
                      os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"))
 
 

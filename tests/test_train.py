@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,8 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
   step = again.stdout.split("checkpoint at step ")[1].split()[0]
   assert json.load(open(tmp_path / f"eval_test_step{step}.json")) == results
 
+  _check_export(tmp_path)
+
   second = _run_main(tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resuming from the checkpoint at step" in second.stdout
@@ -166,3 +169,28 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
                         train.shard_batch(mesh, batch))
   assert np.isfinite(float(metrics["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def _check_export(workdir):
+  """launch/export.py: parts with ids, FAISS top-1 = brute force, projector files."""
+  out = workdir / "export"
+  run = subprocess.run([sys.executable, "launch/export.py", f"--workdir={workdir}",
+                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  meta = json.load(open(workdir / "data" / "metadata.json"))
+  vectors = {n: np.load(out / f"{n}-00000-of-00001.npy") for n in ("users", "texts", "images")}
+  rows = {n: (out / f"{n}-00000-of-00001.tsv").read_text().splitlines()[1:] for n in vectors}
+  assert len(vectors["users"]) == meta["num_users"]
+  assert len(vectors["texts"]) == sum(m["num_posts"] for m in meta["splits"].values())
+  assert len(vectors["images"]) == meta["num_images"]
+  for n in vectors:
+    assert len(rows[n]) == len(vectors[n])
+    np.testing.assert_allclose(np.linalg.norm(vectors[n], axis=1), 1, atol=1e-4)
+  import faiss
+  index = faiss.read_index(str(out / "users-00000-of-00001.faiss"))
+  _, top1 = index.search(vectors["texts"], 1)
+  np.testing.assert_array_equal(top1[:, 0], np.argmax(vectors["texts"] @ vectors["users"].T, 1))
+  config = (out / "projector" / "projector_config.pbtxt").read_text()
+  for path in re.findall(r'_path: "([^"]+)"', config):
+    assert (out / "projector" / path).exists()
