@@ -3,6 +3,8 @@
   python launch/evaluate.py --workdir=runs/du2mce [--checkpoint=latest|STEP]
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from sempre_jax import train
@@ -17,7 +19,10 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  train.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
+  try:
+    train.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ files (`tensorboard --logdir OUT/projector`). In a multi-process job each
 process writes its own part.
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 
@@ -28,8 +30,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if FLAGS.distributed:
     jax.distributed.initialize()
-  config, model, data_dir, metadata, params, step = train.restore_checkpoint(
-      FLAGS.workdir, FLAGS.checkpoint)
+  try:
+    config, model, data_dir, metadata, params, step = train.restore_checkpoint(
+        FLAGS.workdir, FLAGS.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
   counts = export.export_embeddings(
       model, params, data_dir, metadata, FLAGS.out, batch_size=config.eval.batch_size,
       process=jax.process_index(), count=jax.process_count(),
