@@ -31,7 +31,8 @@ from input_pipeline import loader, synthetic
 from sempre_jax import models
 
 TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user")
-RECALL_AT = (1, 5, 10)
+RECALL_AT = (1, 5, 10, 50)
+JOINT_TASKS = ("text->user", "image->text", "image->user")
 
 
 # ------------------------------------------------------------------- ranks --
@@ -76,6 +77,17 @@ def rank_metrics(ranks: np.ndarray, num_candidates: int) -> dict:
   for k in RECALL_AT:
     out[f"R@{k}"] = float(np.mean(ranks <= k))
   return out
+
+
+def with_joint_metric(results: dict) -> dict:
+  """Adds "joint": the paper's normalised joint metric, the sum over the tasks
+  that have queries of median rank / number of candidates (0 is perfect)."""
+  done = [t for t in JOINT_TASKS if results[t].get("queries")]
+  results["joint"] = {
+      "normalised_median_rank": float(sum(results[t]["median_rank"] / results[t]["candidates"]
+                                          for t in done)),
+      "tasks": done}
+  return results
 
 
 # ---------------------------------------------------------------- embedder --
@@ -155,7 +167,7 @@ class RetrievalEvaluator:
     n_img, n_caps = len(self.image_caption_gt), len(self.captions["tokens"])
     text_gt = [np.array([u]) for u in self.texts["user"]]
     text_ranks = exact_ranks(text_user, len(text_gt), text_gt, self.num_users)
-    return {
+    return with_joint_metric({
         "text->user": rank_metrics(text_ranks, self.num_users),
         "text->user (2+ posts)": rank_metrics(text_ranks[self.repeat_author],
                                               self.num_users),
@@ -163,7 +175,7 @@ class RetrievalEvaluator:
             image_text, n_img, self.image_caption_gt, n_caps), n_caps),
         "image->user": rank_metrics(exact_ranks(
             image_user, n_img, self.image_user_gt, self.num_users), self.num_users),
-    }
+    })
 
   def run(self, params) -> dict:
     """{task: metrics} for the model, plus "oracle" when the split has one."""

@@ -367,5 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     for task in evaluation.TASKS:
       for k, v in results[task].items():
         writer.add_scalar(_tag(config.eval.split, task, k), v, total_steps)
+    writer.add_scalar(_tag(config.eval.split, "joint_normalised_median_rank"),
+                      results["joint"]["normalised_median_rank"], total_steps)
     writer.close()
   return state, results

@@ -37,5 +37,14 @@ def test_ranks_without_ties_are_sorted_positions():
 def test_rank_metrics_hand_case():
   m = evaluation.rank_metrics(np.array([1, 2, 6, 20]), num_candidates=100)
   assert m["median_rank"] == 4.0 and m["mean_rank"] == 7.25
-  assert (m["R@1"], m["R@5"], m["R@10"]) == (0.25, 0.5, 0.75)
+  assert (m["R@1"], m["R@5"], m["R@10"], m["R@50"]) == (0.25, 0.5, 0.75, 1.0)
   assert m["random_median_rank"] == 50
+
+
+def test_joint_metric_sums_normalised_medians_of_tasks_with_queries():
+  results = {"text->user": {"queries": 3, "median_rank": 5.0, "candidates": 500},
+             "image->text": {"queries": 0, "candidates": 0},
+             "image->user": {"queries": 2, "median_rank": 50.0, "candidates": 500}}
+  joint = evaluation.with_joint_metric(results)["joint"]
+  assert joint["normalised_median_rank"] == 5 / 500 + 50 / 500
+  assert joint["tasks"] == ["text->user", "image->user"]
