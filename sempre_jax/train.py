@@ -33,6 +33,7 @@ from sempre_jax import evaluation, losses, models
 
 AXIS = "data"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 # =================================================================== mesh ===
@@ -98,7 +99,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int):
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every_steps, create=True))
 
@@ -212,10 +213,10 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
   if config.data.dir:
     return config.data.dir, records.read_metadata(config.data.dir)
   data_dir = os.path.join(workdir, "data")
+  spec = synthetic.CorpusSpec(**config.data.embedded.to_dict())
   if not os.path.exists(os.path.join(data_dir, records.METADATA_FILE)):
     if jax.process_index() == 0:
       t0 = time.time()
-      spec = synthetic.CorpusSpec(**config.data.embedded.to_dict())
       meta = synthetic.write_corpus(spec, data_dir, config.data.split_fractions.to_dict(),
                                     config.data.num_shards)
       counts = {s: m["num_posts"] for s, m in meta["splits"].items()}
@@ -224,7 +225,7 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
             flush=True)
     multihost_utils.sync_global_devices("embedded corpus")
   metadata = records.read_metadata(data_dir)
-  wanted = dataclasses.asdict(synthetic.CorpusSpec(**config.data.embedded.to_dict()))
+  wanted = dataclasses.asdict(spec)
   if metadata.get("spec") != wanted:
     raise ValueError(f"{data_dir} holds an embedded corpus made with other settings "
                      f"({metadata.get('spec')}); use a new --workdir for {wanted}")
@@ -260,7 +261,7 @@ def restore_checkpoint(workdir: str, checkpoint: str = "latest"):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   data_dir, metadata = dataset(config, workdir)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
       if os.path.isdir(directory) else []
   if not steps or (checkpoint != "latest" and int(checkpoint) not in steps):

@@ -52,7 +52,7 @@ def _finish(proc, timeout=180):
 
 
 def _final_params(workdir):
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, train.CHECKPOINT_DIR)
   step = max(int(d) for d in os.listdir(directory) if d.isdigit())
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
   return step, state["params"]
