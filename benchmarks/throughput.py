@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, records, synthetic
-from sempre_jax import losses, models, train
+from sempre_jax import losses, mesh as mesh_lib, models, train
 
 flags.DEFINE_list("modes", ["features", "pixels"], "Image inputs to benchmark.")
 flags.DEFINE_integer("steps", 10, "Timed train steps per mode.")
@@ -107,7 +107,7 @@ def pipeline_rate(data_iter, mesh, seconds: float, stop: threading.Event | None 
   """Posts/s from shards to sharded device arrays, for `seconds` or until `stop`."""
   posts, t = 0, time.perf_counter()
   while time.perf_counter() - t < seconds and not (stop and stop.is_set()):
-    batch = train.shard_batch(mesh, next(data_iter))
+    batch = mesh_lib.shard_batch(mesh, next(data_iter))
     jax.block_until_ready(batch)
     posts += len(batch["user"])
   return posts / (time.perf_counter() - t)
@@ -117,7 +117,7 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
   config = du2mce.get_config()
   config.model.image_input = image_input
   bs = config.batch_size
-  mesh = train.make_mesh()
+  mesh = mesh_lib.make_mesh()
   model = models.build_model(config.model, {"num_users": FLAGS.users,
                                             "vocab_size": FLAGS.vocab})
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, image_input, FLAGS.image_size,
@@ -126,7 +126,7 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
                                    train.make_optimizer(config, 100))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   step = train.make_train_step(model, config.loss, mesh)
-  device_batch = train.shard_batch(mesh, batch)
+  device_batch = mesh_lib.shard_batch(mesh, batch)
   step_s, state = time_steps(step, state, device_batch, FLAGS.steps)
 
   data_iter = loader.train_iterator(

@@ -52,4 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.split = "test"
   config.eval.batch_size = 1000
   config.eval.max_image_text_pairs = 5000
+  config.eval.every_steps = 100        # validation (best checkpoint); 0: never
+  config.eval.query_chunk = 1024       # queries ranked per call
+  config.eval.candidate_chunk = 4096   # candidates scored per scan step and device
+  config.eval.tie_tolerance = 1e-5     # scores this close to the ground truth's tie
   return config

@@ -74,11 +74,16 @@ def train_iterator(data_dir: str, metadata: Mapping, *, batch_size: int,
 
 
 def eval_batches(data_dir: str, metadata: Mapping, split: str, batch_size: int,
-                 image_input: str) -> Iterator[dict[str, np.ndarray]]:
-  """All records of a split in file order, as batches of parsed examples."""
+                 image_input: str | None) -> Iterator[dict[str, np.ndarray]]:
+  """All records of a split in file order, as batches of parsed examples.
+
+  Image features are parsed whenever the data has them (the oracle reads
+  them), pixels when image_input == "pixels"; image_input=None parses neither
+  (a fast pass over ids, users and tokens).
+  """
   source = records.ShardReader(split_paths(data_dir, metadata, split))
-  parser = records.Parser(  # features always (the oracle reads them), pixels if used
-      feature_dim=metadata.get("feature_dim", 0),
+  parser = records.Parser(
+      feature_dim=metadata.get("feature_dim", 0) if image_input else 0,
       image_size=metadata.get("image_size", 0) if image_input == "pixels" else 0)
   ds = grain.MapDataset.source(source).batch(batch_size, batch_fn=parser.batch)
   try:

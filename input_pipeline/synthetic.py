@@ -104,16 +104,33 @@ class Oracle:
     """P(poster | image) scores: features [Q, F] -> [Q, U]."""
     return _round(self._user_scores(self._image_loglik(features)))
 
-  def image_text(self, features, tokens, mask) -> np.ndarray:
-    """Posterior that text c is image q's caption, prop. p(x_q, t_c) / p(t_c): [Q, C]."""
+  def user_text(self, tokens, mask) -> np.ndarray:
+    """log P(author = u | text c), for ranking texts per user: [U, C]."""
+    return _round(_posterior(self._user_scores(self._text_loglik(tokens, mask))).T)
+
+  def user_image(self, features) -> np.ndarray:
+    """log P(poster = u | image c), for ranking images per user: [U, C]."""
+    return _round(_posterior(self._user_scores(self._image_loglik(features))).T)
+
+  def _image_text_terms(self, features, tokens, mask):
+    """(log p(t_c | x_q) + k_c [Q, C], log p(t_c) + k_c [C]); k_c: a per-text constant."""
     log_pz = logsumexp(np.log(self.theta + 1e-300) + self.log_pi[:, None], axis=0)
     img = self._image_loglik(features) + log_pz
     log_pz_x = img - logsumexp(img, axis=1, keepdims=True)       # [Q, T]
     txt = self._text_loglik(tokens, mask)                         # [C, T]
     txt = txt - txt.max(axis=1, keepdims=True)
-    numer = np.log(np.exp(log_pz_x) @ np.exp(txt).T)              # [Q, C]
-    denom = logsumexp(txt + log_pz, axis=1)                       # [C]
+    with np.errstate(divide="ignore"):
+      numer = np.log(np.exp(log_pz_x) @ np.exp(txt).T)            # [Q, C]
+    return numer, logsumexp(txt + log_pz, axis=1)
+
+  def image_text(self, features, tokens, mask) -> np.ndarray:
+    """Posterior that text c is image q's caption, prop. p(x_q, t_c) / p(t_c): [Q, C]."""
+    numer, denom = self._image_text_terms(features, tokens, mask)
     return _round(numer - denom)
+
+  def text_image(self, tokens, mask, features) -> np.ndarray:
+    """Posterior that image q is text c's image, prop. p(t_c | x_q): [C, Q]."""
+    return _round(self._image_text_terms(features, tokens, mask)[0].T)
 
   def save(self, path: str) -> None:
     np.savez(path, **dataclasses.asdict(self))
@@ -122,6 +139,11 @@ class Oracle:
   def load(cls, path: str) -> "Oracle":
     with np.load(path) as z:
       return cls(**{k: z[k] for k in z.files})
+
+
+def _posterior(log_joint: np.ndarray) -> np.ndarray:
+  """Rows of log p(x, u) -> log p(u | x)."""
+  return log_joint - logsumexp(log_joint, axis=1, keepdims=True)
 
 
 def _round(scores: np.ndarray) -> np.ndarray:

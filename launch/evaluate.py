@@ -1,6 +1,6 @@
 """Re-evaluates a checkpoint of a training workdir on its evaluation split.
 
-  python launch/evaluate.py --workdir=runs/du2mce [--checkpoint=latest|STEP]
+  python launch/evaluate.py --workdir=runs/du2mce [--checkpoint=best|latest|STEP]
 """
 
 import sys
@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from sempre_jax import train
 
 flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
-flags.DEFINE_string("checkpoint", "latest", "'latest' or a step number.")
+flags.DEFINE_string("checkpoint", "best", "'best' (on validation), 'latest' or a step number.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 

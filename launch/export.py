@@ -1,7 +1,7 @@
 """Exports the user, text and image embeddings of a workdir's checkpoint.
 
   python launch/export.py --workdir=runs/du2mce --out=runs/du2mce/export \
-      [--checkpoint=latest|STEP] [--projector_rows=10000]
+      [--checkpoint=best|latest|STEP] [--projector_rows=10000]
 
 Writes NPY + TSV (ids) + a FAISS index per modality, and TensorBoard projector
 files (`tensorboard --logdir OUT/projector`). In a multi-process job each
@@ -17,7 +17,7 @@ from sempre_jax import export, train
 
 flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_string("checkpoint", "latest", "'latest' or a step number.")
+flags.DEFINE_string("checkpoint", "best", "'best' (on validation), 'latest' or a step number.")
 flags.DEFINE_integer("projector_rows", 10_000, "Rows per modality in the projector files.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process job (cluster environment).")
 flags.mark_flags_as_required(["workdir", "out"])

@@ -1,21 +1,27 @@
 """How good is the space, exactly?
 
-Retrieval on a held-out split with exact ranks: the rank of a query's ground
-truth is 1 + the number of candidates scoring strictly above it, and with
-several ground truths the best-ranked one counts. Exact ties (the oracle has
-them) count as the expected rank under random tie-breaking: with t other
-candidates and g ground truths tied at the best ground-truth score, t / (g + 1)
-is added. No sorting: ranks are counts over all candidates.
+Retrieval on a held-out split with exact ranks (`sempre_jax.ranks`: every
+candidate counted, the best-ranked of several ground truths counts, ties at
+their expected rank under random tie-breaking), computed on all devices.
 
 Tasks (queries -> candidates, ground truth):
   text->user   every text of the split -> all users, its author.
   text->user (2+ posts)  the same, only texts whose author has 2+ training posts.
-  image->text  unique images of the split (at most `max_image_text_pairs`) ->
-               the texts of the posts carrying those images, the texts of the
-               image's own posts.
-  image->user  the same images -> all users, the users who posted the image.
-On the embedded corpus the oracle (the planted model's posterior) is ranked
-the same way, so the best achievable ranks are printed beside the model's.
+  image->text  unique images of the split that have a caption (the first
+               `max_image_text_pairs`) -> the texts of the posts carrying
+               those images, the image's own captions.
+  image->user  every unique image of the split -> all users, its posters.
+  user->text   users with a text in the split -> every text of the split,
+               the user's texts.
+  text->image  the captions of image->text -> its images, the caption's image.
+  user->image  users with an image in the split -> every unique image of the
+               split, the user's images.
+Beside each metric the random baseline is exact: the distribution of the best
+of g ground truths placed at random among C candidates. The normalised joint
+metric is the paper's: the sum over text->user, image->text and image->user
+of median rank / number of candidates (0 is perfect; best checkpoints use the
+tasks whose loss weight is non-zero). On the embedded corpus the oracle (the
+planted model's posterior) is ranked the same way beside the model.
 """
 
 import json
@@ -26,56 +32,56 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy.special import gammaln
 
 from input_pipeline import loader, synthetic
-from sempre_jax import models
+from sempre_jax import mesh as mesh_lib, models, ranks
 
-TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user")
-RECALL_AT = (1, 5, 10, 50)
+TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user",
+         "user->text", "text->image", "user->image")
 JOINT_TASKS = ("text->user", "image->text", "image->user")
+TERM_TASK = {"tu": "text->user", "it": "image->text", "iu": "image->user"}
+RECALL_AT = (1, 5, 10, 50)
 
 
-# ------------------------------------------------------------------- ranks --
+# ---------------------------------------------------------------- metrics --
 
-@jax.jit
-def ranks_from_scores(scores: jnp.ndarray, gt_mask: jnp.ndarray) -> jnp.ndarray:
-  """scores, gt_mask: [Q, C] -> [Q] rank of the best ground truth (1 = top)."""
-  best_gt = jnp.max(jnp.where(gt_mask, scores, -jnp.inf), axis=1, keepdims=True)
-  above = jnp.sum(scores > best_gt, axis=1)
-  tied = scores == best_gt
-  tied_others = jnp.sum(tied & ~gt_mask, axis=1)
-  tied_gts = jnp.sum(tied & gt_mask, axis=1)
-  return 1 + above + tied_others / (tied_gts + 1)
-
-
-def ground_truth_mask(gts: Sequence[np.ndarray], num_candidates: int) -> np.ndarray:
-  """Lists of candidate indices -> [Q, C] bool."""
-  mask = np.zeros([len(gts), num_candidates], bool)
-  for q, gt in enumerate(gts):
-    mask[q, gt] = True
-  return mask
+def random_rank_cdf(k: np.ndarray, num_gts: np.ndarray, num_candidates: int) -> np.ndarray:
+  """P(rank <= k) under a random ranking, pooled over queries with num_gts [Q]
+  ground truths each: 1 - mean_q C(C - k, g_q) / C(C, g_q), for k [K] -> [K]."""
+  g, weight = np.unique(np.asarray(num_gts, np.int64), return_counts=True)
+  k = np.asarray(k, np.float64)[:, None]
+  c = float(num_candidates)
+  log_choose = lambda n, r: gammaln(n + 1) - gammaln(r + 1) - gammaln(n - r + 1)
+  with np.errstate(invalid="ignore"):
+    above = np.where(c - k >= g, np.exp(log_choose(c - k, g) - log_choose(c, g)), 0.0)
+  return 1.0 - (above * weight).sum(1) / weight.sum()
 
 
-def exact_ranks(score_fn, num_queries: int, gts: Sequence[np.ndarray],
-                num_candidates: int, chunk: int = 1024) -> np.ndarray:
-  """Ranks for all queries; score_fn(start, stop) -> [stop - start, C] scores."""
-  out = []
-  for start in range(0, num_queries, chunk):
-    stop = min(start + chunk, num_queries)
-    mask = ground_truth_mask(gts[start:stop], num_candidates)
-    out.append(np.asarray(ranks_from_scores(score_fn(start, stop), mask)))
-  return np.concatenate(out) if out else np.zeros([0], np.int64)
-
-
-def rank_metrics(ranks: np.ndarray, num_candidates: int) -> dict:
-  """Median/mean rank, R@K (fraction with rank <= K) and the random baseline."""
-  if len(ranks) == 0:
-    return {"queries": 0, "candidates": num_candidates}
-  out = {"queries": int(len(ranks)), "candidates": int(num_candidates),
-         "median_rank": float(np.median(ranks)), "mean_rank": float(np.mean(ranks)),
-         "random_median_rank": num_candidates / 2}
+def random_metrics(num_gts: np.ndarray, num_candidates: int) -> dict:
+  """Median rank, mean rank and R@K of a random ranking (exact)."""
+  c = num_candidates
+  ks = np.arange(1, c + 1)
+  cdf = random_rank_cdf(ks, num_gts, c)
+  out = {"random_median_rank": float(ks[np.searchsorted(cdf, 0.5 - 1e-12)]),
+         "random_mean_rank": float(np.mean((c + 1) / (np.asarray(num_gts) + 1)))}
   for k in RECALL_AT:
-    out[f"R@{k}"] = float(np.mean(ranks <= k))
+    out[f"random_R@{k}"] = float(cdf[min(k, c) - 1])
+  return out
+
+
+def rank_metrics(ranks_: np.ndarray, num_candidates: int,
+                 num_gts: np.ndarray | None = None) -> dict:
+  """Median/mean rank, R@K (fraction with rank <= K) and the random baseline."""
+  if len(ranks_) == 0:
+    return {"queries": 0, "candidates": int(num_candidates)}
+  num_gts = np.ones(len(ranks_), np.int64) if num_gts is None else num_gts
+  out = {"queries": int(len(ranks_)), "candidates": int(num_candidates),
+         "median_rank": float(np.median(ranks_)), "mean_rank": float(np.mean(ranks_))}
+  for k in RECALL_AT:
+    out[f"R@{k}"] = float(np.mean(ranks_ <= k))
+  out.update(random_metrics(num_gts, num_candidates))
   return out
 
 
@@ -90,104 +96,177 @@ def with_joint_metric(results: dict) -> dict:
   return results
 
 
+def selection_metric(results: Mapping, weights: Mapping[str, float]) -> float:
+  """The paper's model-selection score (section 4.3): the sum of median rank /
+  candidates over the tasks whose loss weight is non-zero (lower is better)."""
+  tasks = [TERM_TASK[t] for t, w in weights.items() if w > 0]
+  return float(sum(results[t]["median_rank"] / results[t]["candidates"]
+                   for t in tasks if results[t].get("queries")))
+
+
 # ---------------------------------------------------------------- embedder --
 
 class Embedder:
-  """One tower at a time over arrays [N, ...] in fixed-size batches -> [N, D].
+  """One tower at a time over host arrays [N, ...] -> a global [N, D] array.
 
-  The last batch is padded, so each tower compiles once.
+  Batches are split over the devices of `mesh` (every process passes the same
+  arrays); the last batch is padded, so each tower compiles once.
   """
 
-  def __init__(self, model: models.DU2MCE, params, batch_size: int):
-    self.batch_size, self.embed_dim = batch_size, model.embed_dim
+  def __init__(self, model: models.DU2MCE, params, batch_size: int, mesh: Mesh):
+    self.mesh, self.embed_dim = mesh, model.embed_dim
+    self.batch_size = mesh_lib.round_up(batch_size, mesh.devices.size)
     self._fns = {
         tower: jax.jit(lambda p, *xs, method=getattr(type(model), f"embed_{tower}"):
                        model.apply({"params": p}, *xs, method=method))
         for tower in models.MODALITIES}
-    self._params = params
+    placed = all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
+        NamedSharding(mesh, P()), x.ndim) for x in jax.tree.leaves(params))
+    self._params = params if placed else mesh_lib.put_global(mesh, params)
 
-  def __call__(self, tower: str, *arrays: np.ndarray) -> jnp.ndarray:
+  def __call__(self, tower: str, *arrays: np.ndarray) -> jax.Array:
     fn, bs, out = self._fns[tower], self.batch_size, []
     for start in range(0, len(arrays[0]), bs):
       chunk = [a[start:start + bs] for a in arrays]
-      pad = bs - len(chunk[0])
-      chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
-      out.append(fn(self._params, *chunk)[:bs - pad])
-    return jnp.concatenate(out) if out else jnp.zeros([0, self.embed_dim])
+      n = len(chunk[0])
+      chunk = [np.concatenate([c, np.zeros((bs - n,) + c.shape[1:], c.dtype)]) for c in chunk]
+      out.append(fn(self._params, *mesh_lib.put_global(self.mesh, chunk, P(mesh_lib.AXIS)))[:n])
+    if not out:
+      return jnp.zeros([0, self.embed_dim])
+    return jnp.concatenate(out) if len(out) > 1 else out[0]
 
 
 # --------------------------------------------------------------- evaluator --
+
+def _first_positions(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(unique keys in order of first appearance, index of each key's first row)."""
+  uniq, first = np.unique(keys, return_index=True)
+  order = np.argsort(first, kind="stable")
+  return uniq[order], first[order]
+
 
 class RetrievalEvaluator:
   """Exact retrieval metrics of a model on one split (built from config.eval)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: models.DU2MCE,
-               data_dir: str, metadata: Mapping):
-    self.model = model
-    self.batch_size = config.batch_size
+               data_dir: str, metadata: Mapping, mesh: Mesh):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.data_dir, self.metadata, self.split = data_dir, metadata, config.split
     self.image_key = models.image_key(model.image_input)
     self.num_users = metadata["num_users"]
-    posts = _collect(loader.eval_batches(
-        data_dir, metadata, config.split, config.batch_size, model.image_input))
-    self.split = config.split
-    self.texts = {k: posts[k][posts["text_mask"].any(1)]
-                  for k in ("tokens", "text_mask", "user")}
-    self.repeat_author = train_posts_per_user(data_dir, metadata)[self.texts["user"]] >= 2
-    self._images_and_captions(posts, config.max_image_text_pairs)
+    post = _collect(loader.eval_batches(data_dir, metadata, self.split, 4096, None),
+                    ("user", "text_mask", "image_mask", "image_id"))
+    self._build_tasks(post["user"], post["text_mask"].any(1),
+                      np.where(post["image_mask"], post["image_id"], -1),
+                      config.max_image_text_pairs)
+    self.repeat_author = train_posts_per_user(data_dir, metadata)[
+        post["user"][self.text_posts]] >= 2
     oracle_path = os.path.join(data_dir, synthetic.ORACLE_FILE)
-    self.oracle = (self._oracle_metrics(synthetic.Oracle.load(oracle_path), posts)
+    self.oracle = (self._metrics(self._oracle_ranks(synthetic.Oracle.load(oracle_path)))
                    if os.path.exists(oracle_path) else None)
 
-  def _images_and_captions(self, posts, max_pairs: int) -> None:
-    """Unique images (the first `max_pairs` ids) with their captions and posters."""
-    with_image = np.flatnonzero(posts["image_mask"] & posts["text_mask"].any(1))
-    order = with_image[np.argsort(posts["image_id"][with_image], kind="stable")]
-    _, starts = np.unique(posts["image_id"][order], return_index=True)
-    groups = np.split(order, starts[1:])[:max_pairs] if len(order) else []
-    caption_posts = np.concatenate(groups) if groups else np.zeros([0], int)
-    self.captions = {k: posts[k][caption_posts] for k in ("tokens", "text_mask")}
-    self._image_posts = np.array([g[0] for g in groups], int)
-    self.images = posts[self.image_key][self._image_posts]
-    sizes = [len(g) for g in groups]
-    bounds = np.cumsum([0] + sizes)
-    self.image_caption_gt = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    self.image_user_gt = [np.unique(posts["user"][g]) for g in groups]
+  def _build_tasks(self, user, has_text, image_id, max_pairs: int) -> None:
+    """Queries, candidates and ground truths of every task, from the split's
+    posts (user [N], has_text [N], image_id [N], -1 = none)."""
+    self.text_posts = np.flatnonzero(has_text)                   # text t = post
+    text_of_post = np.cumsum(has_text) - 1
+    with_image = np.flatnonzero(image_id >= 0)
+    images, self.image_posts = _first_positions(image_id[with_image])
+    self.image_posts = with_image[self.image_posts]              # image i = post
+    image_of_post = np.full(len(user), -1)
+    sorter = np.argsort(images)
+    image_of_post[with_image] = sorter[np.searchsorted(images, image_id[with_image],
+                                                       sorter=sorter)]
+    # image->text: the first images (in file order) with a caption, and their captions.
+    captioned = with_image[has_text[with_image]]
+    pair_images = np.unique(image_of_post[captioned])[:max_pairs]
+    captions = captioned[np.isin(image_of_post[captioned], pair_images)]
+    self.pair_images = pair_images                                # [Pi] image indices
+    self.caption_texts = text_of_post[captions]                   # [Pc] text indices
+    caption_image = np.searchsorted(pair_images, image_of_post[captions])
+    # Users with a text / an image in the split.
+    self.text_users = np.unique(user[self.text_posts])
+    self.image_users = np.unique(user[with_image])
+    self.gt = {
+        "text->user": ranks.GroundTruth.single(user[self.text_posts]),
+        "image->user": ranks.GroundTruth.from_pairs(
+            image_of_post[with_image], user[with_image], len(images)),
+        "image->text": ranks.GroundTruth.from_pairs(
+            caption_image, np.arange(len(captions)), len(pair_images)),
+        "text->image": ranks.GroundTruth.single(caption_image),
+        "user->text": ranks.GroundTruth.from_pairs(
+            np.searchsorted(self.text_users, user[self.text_posts]),
+            np.arange(len(self.text_posts)), len(self.text_users)),
+        "user->image": ranks.GroundTruth.from_pairs(
+            np.searchsorted(self.image_users, user[with_image]),
+            image_of_post[with_image], len(self.image_users)),
+    }
+    self.num_candidates = {
+        "text->user": self.num_users, "image->user": self.num_users,
+        "image->text": len(captions), "text->image": len(pair_images),
+        "user->text": len(self.text_posts), "user->image": len(images)}
 
-  def _oracle_metrics(self, oracle: synthetic.Oracle, posts) -> dict:
-    feats = posts["image_features"][self._image_posts]
-    caps = self.captions
-    return self._metrics(
-        text_user=lambda a, b: oracle.text_user(self.texts["tokens"][a:b],
-                                                self.texts["text_mask"][a:b]),
-        image_text=lambda a, b: oracle.image_text(feats[a:b], caps["tokens"],
-                                                  caps["text_mask"]),
-        image_user=lambda a, b: oracle.image_user(feats[a:b]))
+  def _metrics(self, task_ranks: Mapping[str, np.ndarray]) -> dict:
+    out = {t: rank_metrics(task_ranks[t], self.num_candidates[t], self.gt[t].counts())
+           for t in self.gt}
+    out["text->user (2+ posts)"] = rank_metrics(
+        task_ranks["text->user"][self.repeat_author], self.num_users)
+    return with_joint_metric({t: out[t] for t in TASKS})
 
-  def _metrics(self, text_user, image_text, image_user) -> dict:
-    n_img, n_caps = len(self.image_caption_gt), len(self.captions["tokens"])
-    text_gt = [np.array([u]) for u in self.texts["user"]]
-    text_ranks = exact_ranks(text_user, len(text_gt), text_gt, self.num_users)
-    return with_joint_metric({
-        "text->user": rank_metrics(text_ranks, self.num_users),
-        "text->user (2+ posts)": rank_metrics(text_ranks[self.repeat_author],
-                                              self.num_users),
-        "image->text": rank_metrics(exact_ranks(
-            image_text, n_img, self.image_caption_gt, n_caps), n_caps),
-        "image->user": rank_metrics(exact_ranks(
-            image_user, n_img, self.image_user_gt, self.num_users), self.num_users),
-    })
+  def _oracle_ranks(self, oracle: synthetic.Oracle) -> dict:
+    """The planted posterior's ranks (explicit score matrices; small corpora)."""
+    post = _collect(loader.eval_batches(self.data_dir, self.metadata, self.split, 4096,
+                                        "features"), ("tokens", "text_mask", "image_features"))
+    tok, mask = post["tokens"][self.text_posts], post["text_mask"][self.text_posts]
+    feats = post["image_features"][self.image_posts]
+    text_user = oracle.text_user(tok, mask)                       # [T, U]
+    image_user = oracle.image_user(feats)                         # [I, U]
+    ct, cm = tok[self.caption_texts], mask[self.caption_texts]
+    pf = feats[self.pair_images]
+    scores = {
+        "text->user": text_user, "image->user": image_user,
+        "image->text": oracle.image_text(pf, ct, cm),
+        "text->image": oracle.text_image(ct, cm, pf),
+        "user->text": oracle.user_text(tok, mask)[self.text_users],
+        "user->image": oracle.user_image(feats)[self.image_users]}
+    return {t: ranks.ranks_from_scores(s, self.gt[t]) for t, s in scores.items()}
+
+  def _ranker(self, candidates) -> ranks.ExactRanker:
+    c = self.config
+    return ranks.ExactRanker(self.mesh, candidates, query_chunk=c.query_chunk,
+                             candidate_chunk=c.candidate_chunk,
+                             tie_tolerance=c.tie_tolerance)
+
+  def model_ranks(self, params) -> dict:
+    """{task: ranks} of the model with `params`."""
+    embed = Embedder(self.model, params, self.config.batch_size, self.mesh)
+    users = embed("user", np.arange(self.num_users, dtype=np.int32))
+    texts, images = [], []
+    n = 0
+    for batch in loader.eval_batches(self.data_dir, self.metadata, self.split,
+                                     self.config.batch_size, self.model.image_input):
+      rows = np.arange(n, n + len(batch["user"]))
+      n += len(rows)
+      t = np.flatnonzero(batch["text_mask"].any(1))
+      texts.append(embed("text", batch["tokens"][t], batch["text_mask"][t]))
+      i = np.flatnonzero(np.isin(rows, self.image_posts))
+      images.append(embed("image", batch[self.image_key][i]))
+    texts, images = jnp.concatenate(texts), jnp.concatenate(images)
+    by_users = self._ranker(users)
+    pair_images = images[self.pair_images]
+    captions = texts[self.caption_texts]
+    return {
+        "text->user": by_users(texts, self.gt["text->user"]),
+        "image->user": by_users(images, self.gt["image->user"]),
+        "image->text": self._ranker(captions)(pair_images, self.gt["image->text"]),
+        "text->image": self._ranker(pair_images)(captions, self.gt["text->image"]),
+        "user->text": self._ranker(texts)(users[self.text_users], self.gt["user->text"]),
+        "user->image": self._ranker(images)(users[self.image_users],
+                                            self.gt["user->image"])}
 
   def run(self, params) -> dict:
     """{task: metrics} for the model, plus "oracle" when the split has one."""
-    embed = Embedder(self.model, params, self.batch_size)
-    users = embed("user", np.arange(self.num_users, dtype=np.int32))
-    texts = embed("text", self.texts["tokens"], self.texts["text_mask"])
-    caps = embed("text", self.captions["tokens"], self.captions["text_mask"])
-    imgs = embed("image", self.images)
-    results = self._metrics(
-        text_user=lambda a, b: texts[a:b] @ users.T,
-        image_text=lambda a, b: imgs[a:b] @ caps.T,
-        image_user=lambda a, b: imgs[a:b] @ users.T)
+    results = self._metrics(self.model_ranks(params))
     if self.oracle is not None:
       results["oracle"] = self.oracle
     return results
@@ -196,17 +275,16 @@ class RetrievalEvaluator:
 def train_posts_per_user(data_dir: str, metadata: Mapping) -> np.ndarray:
   """[U] number of training posts of each user."""
   counts = np.zeros([metadata["num_users"]], np.int64)
-  for batch in loader.eval_batches(data_dir, {**metadata, "feature_dim": 0}, "train",
-                                   4096, "features"):
+  for batch in loader.eval_batches(data_dir, metadata, "train", 4096, None):
     counts += np.bincount(batch["user"], minlength=len(counts))
   return counts
 
 
-def _collect(batches) -> dict[str, np.ndarray]:
-  parts = list(batches)
+def _collect(batches, keys: Sequence[str]) -> dict[str, np.ndarray]:
+  parts = [{k: b[k] for k in keys} for b in batches]
   if not parts:
     raise ValueError("the evaluation split has no records")
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
 
 # ------------------------------------------------------------------ report --
@@ -232,6 +310,11 @@ def format_table(results: Mapping) -> str:
       line += (f" | {o['median_rank']:>10.1f} {o['mean_rank']:>7.1f} "
                f"{o['R@1']:>5.2f} {o['R@10']:>5.2f}")
     lines.append(line)
+  lines.append(f"normalised joint metric (sum of median rank / candidates over "
+               f"{', '.join(results['joint']['tasks'])}): "
+               f"{results['joint']['normalised_median_rank']:.4f}"
+               + (f" (oracle {results['oracle']['joint']['normalised_median_rank']:.4f})"
+                  if has_oracle else ""))
   return "\n".join(lines)
 
 

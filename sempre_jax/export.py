@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from input_pipeline import loader, records
-from sempre_jax import evaluation, models
+from sempre_jax import evaluation, mesh as mesh_lib, models
 
 PROJECTOR_DIR = "projector"
 
@@ -67,7 +67,7 @@ def export_embeddings(model: models.DU2MCE, params, data_dir: str, metadata: Map
                       count: int = 1, projector_rows: int = 10_000) -> dict:
   """Writes this process's part of every modality; returns {name: rows written}."""
   os.makedirs(out_dir, exist_ok=True)
-  embed = evaluation.Embedder(model, params, batch_size)
+  embed = evaluation.Embedder(model, params, batch_size, mesh_lib.make_mesh(local=True))
   image_key = models.image_key(model.image_input)
   user_names = records.read_lines(data_dir, records.USERS_FILE)
   users = np.arange(process, metadata["num_users"], count, dtype=np.int32)

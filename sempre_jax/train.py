@@ -29,28 +29,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 from input_pipeline import loader, records, synthetic, word2vec
-from sempre_jax import evaluation, losses, models
+from sempre_jax import evaluation, losses, mesh as mesh_lib, models
 
-AXIS = "data"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-# =================================================================== mesh ===
-
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D ("data",) mesh over the first `num_devices` devices (all by default)."""
-  devices = jax.devices()
-  if num_devices:
-    devices = devices[:num_devices]
-  return Mesh(np.array(devices), (AXIS,))
-
-
-def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
-  """This process's batch -> global arrays sharded over the data axis."""
-  sharding = NamedSharding(mesh, P(AXIS))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), dict(local_batch))
+BEST_DIR = "checkpoints_best"     # the best checkpoint on validation (one)
+VALIDATION_LOG = "validation.jsonl"
 
 
 # ============================================================ train state ===
@@ -80,14 +64,14 @@ def make_train_step(model: nn.Module, loss_config: ml_collections.ConfigDict, me
       emb = model.apply({"params": params}, batch)
       return losses.du2mce_loss(
           emb, batch, lambdas=(loss_config.l1, loss_config.l2),
-          margin=loss_config.margin, mining=loss_config.mining, axis_name=AXIS,
+          margin=loss_config.margin, mining=loss_config.mining, axis_name=mesh_lib.AXIS,
           candidate_chunk=loss_config.candidate_chunk)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), metrics
 
-  step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
+  step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)),
                        out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
 
@@ -115,6 +99,38 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class BestCheckpoint:
+  """The state with the lowest validation score so far, in workdir/checkpoints_best
+  (one checkpoint, saved with its validation results)."""
+
+  def __init__(self, workdir: str):
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), BEST_DIR),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self.step = self.manager.latest_step()
+    self.score = (self.manager.restore(self.step, args=ocp.args.Composite(
+        results=ocp.args.JsonRestore()))["results"]["score"]
+        if self.step is not None else float("inf"))
+
+  def offer(self, step: int, state, score: float, results: Mapping) -> bool:
+    """Saves `state` when `score` beats the best so far; True when it did."""
+    if not score < self.score or (self.step is not None and step <= self.step):
+      return False
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        results=ocp.args.JsonSave({"step": step, "score": score, **results})), force=True)
+    self.step, self.score = step, score
+    return True
+
+  def restore(self, abstract_state):
+    return self.manager.restore(self.step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -235,25 +251,27 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
 # =================================================================== loop ===
 
 def report_eval(config: ml_collections.ConfigDict, model: nn.Module, data_dir: str,
-                metadata: Mapping, params, path: str) -> dict:
-  """Evaluates host-local `params`; process 0 prints the table and writes `path`."""
-  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata)
+                metadata: Mapping, params, path: str, mesh: Mesh) -> dict:
+  """Evaluates `params` on config.eval.split; process 0 prints the table and writes `path`."""
+  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata, mesh)
   results = evaluator.run(params)
   if jax.process_index() == 0:
     print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
-          f"random = half the candidates):")
+          f"random = median rank of a random ranking):")
     print(evaluation.format_table(results), flush=True)
     evaluation.write_results(results, path)
   return results
 
 
-def restore_checkpoint(workdir: str, checkpoint: str = "latest"):
+def restore_checkpoint(workdir: str, checkpoint: str = "best"):
   """(config, model, data_dir, metadata, params, step) of a workdir's checkpoint.
 
-  checkpoint: "latest" or a step number. Params come back as host arrays.
+  checkpoint: "best" (the best on validation; the latest when the run kept no
+  best), "latest" or a step number. Params come back as host arrays.
   """
-  if checkpoint != "latest" and not checkpoint.isdigit():
-    raise ValueError(f"checkpoint must be 'latest' or a step number, got {checkpoint!r}")
+  if checkpoint not in ("best", "latest") and not checkpoint.isdigit():
+    raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, "
+                     f"got {checkpoint!r}")
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a workdir written by "
@@ -261,23 +279,68 @@ def restore_checkpoint(workdir: str, checkpoint: str = "latest"):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   data_dir, metadata = dataset(config, workdir)
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
-  if not steps or (checkpoint != "latest" and int(checkpoint) not in steps):
+  steps_in = lambda d: (sorted(int(s) for s in os.listdir(d) if s.isdigit())
+                        if os.path.isdir(d) else [])
+  directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+  if checkpoint != "best" or not steps_in(directory):
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  steps = steps_in(directory)
+  if not steps or (checkpoint.isdigit() and int(checkpoint) not in steps):
     raise ValueError(f"no checkpoint {checkpoint!r} in {directory} (has {steps})")
-  step = steps[-1] if checkpoint == "latest" else int(checkpoint)
+  step = int(checkpoint) if checkpoint.isdigit() else steps[-1]
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
   return (config, models.build_model(config.model, metadata), data_dir, metadata,
           state["params"], step)
 
 
-def evaluate_checkpoint(workdir: str, checkpoint: str = "latest") -> dict:
-  """Re-evaluates a checkpoint ("latest" or a step) of a training workdir."""
+def evaluate_checkpoint(workdir: str, checkpoint: str = "best") -> dict:
+  """Re-evaluates a checkpoint ("best", "latest" or a step) of a training workdir."""
   config, model, data_dir, metadata, params, step = restore_checkpoint(workdir, checkpoint)
   print(f"Evaluating the checkpoint at step {step} of {workdir}", flush=True)
   return report_eval(config, model, data_dir, metadata, params,
-                     os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"))
+                     os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"),
+                     mesh_lib.make_mesh(config.get("num_devices")))
+
+
+class Validation:
+  """Validation every config.eval.every_steps: the paper's selection score over
+  the tasks whose loss weight is non-zero, logged, and the best state kept."""
+
+  def __init__(self, config, model, data_dir, metadata, mesh, workdir, writer):
+    self.every = config.eval.every_steps
+    has_posts = metadata["splits"].get("validation", {}).get("num_posts", 0) > 0
+    if self.every and not has_posts and jax.process_index() == 0:
+      print("No validation split: no best checkpoint is kept; the test split is "
+            "evaluated with the final parameters.", flush=True)
+    self.every = self.every if has_posts else 0
+    self.weights = losses.term_weights(config.loss.l1, config.loss.l2)
+    self.evaluator = (evaluation.RetrievalEvaluator(
+        ml_collections.ConfigDict({**config.eval.to_dict(), "split": "validation"}),
+        model, data_dir, metadata, mesh) if self.every else None)
+    self.best = BestCheckpoint(workdir)
+    self.log_path, self.writer = os.path.join(workdir, VALIDATION_LOG), writer
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return bool(self.every) and (step % self.every == 0 or step == total_steps)
+
+  def __call__(self, step: int, state) -> None:
+    results = self.evaluator.run(state.params)
+    score = evaluation.selection_metric(results, self.weights)
+    improved = self.best.offer(step, state, score, results)
+    if jax.process_index() == 0:
+      with open(self.log_path, "a") as f:
+        f.write(json.dumps({"step": step, "score": score, "results": results}) + "\n")
+      self.writer.add_scalar("validation/selection_score", score, step)
+      for task in evaluation.JOINT_TASKS:
+        if results[task].get("queries"):
+          self.writer.add_scalar(_tag("validation", task, "median_rank"),
+                                 results[task]["median_rank"], step)
+      print(f"validation at step {step}: score {score:.4f} (sum of median rank / "
+            f"candidates) {'new best' if improved else f'best {self.best.score:.4f} at step {self.best.step}'}",
+            flush=True)
+
+  def close(self) -> None:
+    self.best.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -288,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   data_dir, metadata = dataset(config, workdir)
-  mesh = make_mesh(config.get("num_devices"))
+  mesh = mesh_lib.make_mesh(config.get("num_devices"))
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if config.batch_size % n_dev:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -333,10 +396,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = make_train_step(model, config.loss, mesh)
   writer = SummaryWriter(workdir) if lead else None
   progress = Progress(total_steps, config.batch_size)
+  validation = Validation(config, model, data_dir, metadata, mesh, workdir, writer)
   preemption = Preemption()
   try:
     for step in range(start + 1, total_steps + 1):
-      state, metrics = train_step(state, shard_batch(mesh, next(data_iter)))
+      state, metrics = train_step(state, mesh_lib.shard_batch(mesh, next(data_iter)))
       check_finite(step, metrics, ckpt.latest_step())
       progress.add(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -345,6 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           print(line, flush=True)
           for k, v in scalars.items():
             writer.add_scalar(f"train/{k}", v, step)
+      if validation.due(step, total_steps):
+        validation(step, state)
       preempted = preemption.agreed()
       ckpt.save(step, state, data_iter.get_state(),
                 force=step == total_steps or preempted)
@@ -353,17 +419,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           print(f"Stopped by SIGTERM after step {step}; checkpoint saved. Run the "
                 "same command to continue.", flush=True)
         return state, None
+    # The paper's protocol: the test split is ranked with the best state on validation.
+    best = validation.best.step
+    params = state.params
+    if best is not None and best != int(state.step):
+      if lead:
+        print(f"\nThe best checkpoint on validation is step {best} (score "
+              f"{validation.best.score:.4f}); evaluating it.", flush=True)
+      params = validation.best.restore(state).params
   finally:
     preemption.release()
+    validation.close()
     ckpt.close()
     if writer is not None:
       writer.flush()
 
   # ============================================================ evaluate ===
-  # Every process evaluates on its own first device, from a local copy of the params.
-  results = report_eval(config, model, data_dir, metadata,
-                        jax.tree.map(lambda x: x.addressable_data(0), state.params),
-                        os.path.join(workdir, f"eval_{config.eval.split}.json"))
+  results = report_eval(config, model, data_dir, metadata, params,
+                        os.path.join(workdir, f"eval_{config.eval.split}.json"), mesh)
   if lead:
     for task in evaluation.TASKS:
       for k, v in results[task].items():

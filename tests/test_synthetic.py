@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import records, splits, synthetic
-from sempre_jax import evaluation
+from sempre_jax import ranks
 
 SPEC = synthetic.CorpusSpec(num_users=60, num_topics=12, posts_per_user=30,
                             feature_dim=64, signal=0.6, followees=5,
@@ -35,8 +35,7 @@ def test_no_token_unique_to_a_user_is_in_all_of_its_posts(corpus):
 
 
 def _ranks(scores, gt):
-  return evaluation.exact_ranks(lambda a, b: scores[a:b], len(gt),
-                                [np.array([g]) for g in gt], scores.shape[1])
+  return ranks.ranks_from_scores(scores, ranks.GroundTruth.single(gt))
 
 
 def test_oracle_recovers_the_planted_structure(corpus):
@@ -97,3 +96,17 @@ def test_written_corpus_splits_by_image_and_keeps_every_post(tmp_path):
 def test_split_fractions_are_validated():
   with pytest.raises(ValueError, match="sum < 1"):
     splits.split_by_group(np.arange(10), {"test": 0.6, "validation": 0.5}, 0)
+
+
+def test_oracle_ranks_texts_and_images_per_user(corpus):
+  """user->text / user->image: the per-post posterior P(u | post) beats the joint p(post, u)."""
+  oracle, authors = corpus["oracle"], corpus["authors"][:500]
+  tokens = corpus["tokens"][:500]
+  users = np.unique(authors)
+  gts = ranks.GroundTruth.from_pairs(np.searchsorted(users, authors), np.arange(500),
+                                     len(users))
+  posterior = ranks.ranks_from_scores(oracle.user_text(tokens, tokens != 0)[users], gts)
+  joint = ranks.ranks_from_scores(oracle.text_user(tokens, tokens != 0).T[users], gts)
+  random = np.median((500 + 1) / (gts.counts() + 1))
+  assert np.median(posterior) < 0.2 * random
+  assert np.mean(posterior) < np.mean(joint)

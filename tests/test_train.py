@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, synthetic
-from sempre_jax import models, train
+from sempre_jax import mesh as mesh_lib, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=64", "--config.num_epochs=8",
@@ -56,11 +56,11 @@ def test_four_devices_match_one_device(batch_and_model, mining):
   init = train.create_train_state(jax.random.key(0), model, batch, tx)
   out = {}
   for n in (1, 4):
-    mesh = train.make_mesh(n)
+    mesh = mesh_lib.make_mesh(n)
     state = jax.device_put(jax.tree.map(np.array, init), NamedSharding(mesh, P()))
     step = train.make_train_step(model, config.loss, mesh)
     for _ in range(2):
-      state, metrics = step(state, train.shard_batch(mesh, batch))
+      state, metrics = step(state, mesh_lib.shard_batch(mesh, batch))
     out[n] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
@@ -120,13 +120,13 @@ def test_pixel_encoder_trains_on_encoded_images(tmp_path):
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
   assert batch["image"][batch["image_mask"]].std() > 10        # real pictures
   assert not batch["image"][~batch["image_mask"]].any()        # missing -> zeros
-  mesh = train.make_mesh(1)
+  mesh = mesh_lib.make_mesh(1)
   state = train.create_train_state(jax.random.key(0), model, batch,
                                    train.make_optimizer(config, 10))
   step = train.make_train_step(model, config.loss, mesh)
   before = np.asarray(state.params["image"]["conv0"]["kernel"])
   state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
-                        train.shard_batch(mesh, batch))
+                        mesh_lib.shard_batch(mesh, batch))
   assert np.isfinite(float(metrics["loss"])) and metrics["it_pairs"] > 0
   assert np.abs(np.asarray(state.params["image"]["conv0"]["kernel"]) - before).max() > 0
 
@@ -163,10 +163,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
   for k in emb32:
     assert emb16[k].dtype == jnp.float32
     np.testing.assert_allclose(emb16[k], emb32[k], atol=2e-2)
-  mesh = train.make_mesh(1)
+  mesh = mesh_lib.make_mesh(1)
   step = train.make_train_step(model16, config.loss, mesh)
   state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
-                        train.shard_batch(mesh, batch))
+                        mesh_lib.shard_batch(mesh, batch))
   assert np.isfinite(float(metrics["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
