@@ -31,7 +31,6 @@ Two ways in:
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -134,10 +133,13 @@ def ranks_from_scores(scores: np.ndarray, gts: GroundTruth, chunk: int = 1024) -
 
 # ------------------------------------------------------------- embeddings --
 
-def _member(gt_row, ids, method):
-  """ids [c] in the sorted row [G]? -> [c] bool."""
-  pos = jnp.searchsorted(gt_row, ids, method=method)
-  return gt_row[jnp.minimum(pos, gt_row.shape[0] - 1)] == ids
+def _ground_truth_mask(gt, start, size):
+  """gt [q, G] candidate ids -> [q, size]: is candidate start + j a ground truth
+  of query i? (a scatter of the q x G ids, not a search per candidate)."""
+  local = gt - start
+  local = jnp.where((gt >= 0) & (local >= 0) & (local < size), local, size)   # size: dropped
+  rows = jnp.broadcast_to(jnp.arange(gt.shape[0])[:, None], gt.shape)
+  return jnp.zeros((gt.shape[0], size), bool).at[rows, local].set(True, mode="drop")
 
 
 class ExactRanker:
@@ -170,11 +172,10 @@ class ExactRanker:
   def _fn(self, width: int):
     if width not in self._fns:
       self._fns[width] = jax.jit(jax.shard_map(
-          functools.partial(self._per_device, method="compare_all" if width <= 32 else "scan"),
-          mesh=self.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P()))
+          self._per_device, mesh=self.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P()))
     return self._fns[width]
 
-  def _per_device(self, queries, gt, cands, *, method):
+  def _per_device(self, queries, gt, cands):
     """queries [q, D], gt [q, G] (global ids, sorted, -1 pads), cands [c, D]
     (this device's) -> (above, tied others, tied ground truths): [q] each."""
     c, tol = cands.shape[0], self.tol
@@ -190,19 +191,19 @@ class ExactRanker:
 
     def body(carry, xs):
       above, tied = carry
-      block, ids = xs
+      block, start = xs
       s = jnp.matmul(queries, block.T, precision=jax.lax.Precision.HIGHEST)   # [q, chunk]
-      other = (ids < self.num_candidates)[None, :] & ~jax.vmap(
-          lambda row: _member(row, ids, method))(gt)
+      ids = start + jnp.arange(self.chunk)
+      other = (ids < self.num_candidates)[None, :] & ~_ground_truth_mask(gt, start, self.chunk)
       above += jnp.sum(other & (s > best[:, None] + tol), axis=1)
       tied += jnp.sum(other & (jnp.abs(s - best[:, None]) <= tol), axis=1)
       return (above, tied), None
 
     n = c // self.chunk
-    ids = base + jnp.arange(c).reshape(n, self.chunk)
+    starts = base + self.chunk * jnp.arange(n)
     zeros = jax.lax.pcast(jnp.zeros(queries.shape[0], jnp.int32), AXIS, to="varying")
     (above, tied), _ = jax.lax.scan(
-        body, (zeros, zeros), (cands.reshape(n, self.chunk, -1), ids))
+        body, (zeros, zeros), (cands.reshape(n, self.chunk, -1), starts))
     return jax.lax.psum(above, AXIS), jax.lax.psum(tied, AXIS), tied_gts
 
   def __call__(self, queries, gts: GroundTruth) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Test session set-up: 4 host CPU devices for the multi-device tests."""
+"""Test session set-up: 4 host CPU devices, and one tiny trained workdir shared
+by the tests of the analysis tools (evaluate, export, interests, clusters, query)."""
 
 import os
 import sys
@@ -6,3 +7,27 @@ import sys
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+def tiny_config():
+  """DU2MCE on a 40-user embedded corpus with 16-px pictures, trained in seconds."""
+  from configs import du2mce
+  config = du2mce.get_config()
+  config.data.embedded.update(num_users=40, num_topics=8, posts_per_user=30,
+                              feature_dim=32, signal=1.0, image_size=16)
+  config.model.update(embed_dim=32, word_dim=16, user_dim=16, text_filters=(16, 16, 16))
+  config.update(batch_size=64, num_epochs=6, learning_rate=0.003, log_every_steps=1000,
+                checkpoint_every_steps=1000)
+  config.eval.update(batch_size=128, every_steps=40)
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A workdir written by the trainer (config.json, checkpoints, data, eval JSON)."""
+  from sempre_jax import train
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir

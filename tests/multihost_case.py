@@ -1,11 +1,12 @@
-"""The shared case of the multi-process test: a tiny model, a fixed global batch."""
+"""The shared cases of the multi-process test: a train step on a fixed global
+batch, and exact ranks with candidates split over the devices of both processes."""
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from sempre_jax import mesh as mesh_lib, models, train
+from sempre_jax import mesh as mesh_lib, models, ranks, train
 
 GLOBAL_BATCH = 8
 
@@ -41,3 +42,20 @@ def one_step(process_index: int, process_count: int):
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}
   return float(metrics["loss"].addressable_data(0)), params
+
+
+def rank_case() -> tuple[np.ndarray, np.ndarray, ranks.GroundTruth]:
+  """Queries [30, 4], candidates [21, 4] with tied scores, 1-3 ground truths each."""
+  rng = np.random.default_rng(1)
+  queries = rng.integers(-2, 3, [30, 4]).astype(np.float32)
+  cands = rng.integers(-2, 3, [21, 4]).astype(np.float32)
+  gts = ranks.GroundTruth.from_lists([rng.choice(21, rng.integers(1, 4), replace=False)
+                                      for _ in range(30)])
+  return queries, cands, gts
+
+
+def global_ranks() -> np.ndarray:
+  """rank_case ranked on every device of the job."""
+  queries, cands, gts = rank_case()
+  return ranks.ExactRanker(mesh_lib.make_mesh(), cands, query_chunk=16,
+                           candidate_chunk=4)(queries, gts)

@@ -2,7 +2,8 @@
 
 Usage: python tests/multihost_worker.py PORT PROCESS_ID OUT_NPZ
 Runs one sharded train step on a fixed global batch, each process feeding its
-half, and process 0 writes the loss and the updated parameters to OUT_NPZ.
+half, and exact ranks over candidates split across both processes; process 0
+writes the loss, the updated parameters and the ranks to OUT_NPZ.
 """
 
 import os
@@ -21,8 +22,9 @@ def main(port: str, process_id: str, out: str) -> None:
                              process_id=int(process_id))
   loss, params = multihost_case.one_step(process_index=jax.process_index(),
                                          process_count=jax.process_count())
+  ranks = multihost_case.global_ranks()
   if jax.process_index() == 0:
-    np.savez(out, loss=loss, **params)
+    np.savez(out, loss=loss, ranks=ranks, **params)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Two local processes form one JAX job (CPU, gloo, loopback) and match one process."""
+"""Two local processes form one JAX job (CPU, gloo, loopback) and match one process:
+a train step, and exact ranks with the candidates split over both processes."""
 
 import os
 import socket
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from sempre_jax import ranks
 from tests import multihost_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +38,8 @@ def test_two_processes_match_one_process(tmp_path):
   loss, params = multihost_case.one_step(process_index=0, process_count=1)
   two = np.load(out)
   np.testing.assert_allclose(two["loss"], loss, rtol=1e-6)
-  assert set(two.files) - {"loss"} == set(params)
+  assert set(two.files) - {"loss", "ranks"} == set(params)
   for k, v in params.items():
     np.testing.assert_allclose(two[k], v, atol=1e-6, err_msg=k)
+  queries, cands, gts = multihost_case.rank_case()
+  np.testing.assert_array_equal(two["ranks"], ranks.ranks_from_scores(queries @ cands.T, gts))
