@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, records, synthetic
-from sempre_jax import losses, mesh as mesh_lib, models, train
+from sempre_jax import losses, mesh as mesh_lib, models, tasks, train
 
 flags.DEFINE_list("modes", ["features", "pixels"], "Image inputs to benchmark.")
 flags.DEFINE_integer("steps", 10, "Timed train steps per mode.")
@@ -122,10 +122,11 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
                                             "vocab_size": FLAGS.vocab})
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, image_input, FLAGS.image_size,
                        np.random.default_rng(0))
-  state = train.create_train_state(jax.random.key(0), model, batch,
+  state = train.create_train_state(model.init(jax.random.key(0), batch),
                                    train.make_optimizer(config, 100))
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  step = train.make_train_step(model, config.loss, mesh)
+  step = train.make_train_step(
+      tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2)), mesh)
   device_batch = mesh_lib.shard_batch(mesh, batch)
   step_s, state = time_steps(step, state, device_batch, FLAGS.steps)
 

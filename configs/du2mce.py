@@ -2,12 +2,41 @@
 
   python launch/train.py --config=configs/du2mce.py --workdir=runs/du2mce
   python launch/train.py --config=configs/du2mce.py --config.data.dir=DATA
+  python launch/train.py --config=configs/du2mce.py:merged --workdir=runs/merged
+
+A variant after the colon selects a row of the paper's Tables 2 and 4:
+  all (default)           every pair: (l1, l2, l3) = (0.1, 0.45, 0.45)
+  tu, it, iu              a single pair: text-user, image-text or image-user only
+  tu+it, tu+iu, it+iu     two pairs, weighted equally
+  merged                  Merged-Modality: image and text summed into one content
+                          vector per post, one loss against users
+  bridging                Bridging-Modality: text-user first, then image-text with
+                          the text and user towers frozen (half the epochs each)
+  avg_text, avg_image     users as the mean of their training posts' text (image)
+                          embeddings, of a model trained on image-text only
 """
 
 import ml_collections
 
+VARIANTS = {
+    "all": {},
+    "tu": {"loss.l1": 1.0, "loss.l2": 0.0},
+    "it": {"loss.l1": 0.0, "loss.l2": 1.0},
+    "iu": {"loss.l1": 0.0, "loss.l2": 0.0},
+    "tu+it": {"loss.l1": 0.5, "loss.l2": 0.5},
+    "tu+iu": {"loss.l1": 0.5, "loss.l2": 0.0},
+    "it+iu": {"loss.l1": 0.0, "loss.l2": 0.5},
+    "merged": {"model.merge_content": True, "loss.l1": 1.0, "loss.l2": 0.0},
+    "bridging": {"stages": ({"epochs": 10, "l1": 1.0, "l2": 0.0, "frozen": ()},
+                            {"epochs": 10, "l1": 0.0, "l2": 1.0, "frozen": ("text", "user")})},
+    "avg_text": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_text"},
+    "avg_image": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_image"},
+}
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(variant: str = "all") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown DU2MCE variant {variant!r}; one of {sorted(VARIANTS)}")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_devices = 0            # 0: every device of the job
@@ -22,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
       "signal": 0.3, "image_size": 0, "seed": 0}
 
   config.model = ml_collections.ConfigDict()
+  config.model.name = "du2mce"
   config.model.embed_dim = 1024
   config.model.word_dim = 300
   config.model.user_dim = 300
@@ -30,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.image_input = "features"   # or "pixels" (needs data with image_size > 0)
   config.model.dtype = "float32"          # compute dtype: "bfloat16" for mixed precision
   config.model.init_from_word2vec = True  # word/user tables from the data's word2vec_init.npz
+  config.model.merge_content = False      # Merged-Modality baseline
 
   config.loss = ml_collections.ConfigDict()
   config.loss.l1 = 0.1     # text-user
@@ -43,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 5e-4
   config.lr_decay = 10.0
   config.lr_decay_epochs = 10
+  config.optimizer = "adam"
+  config.stages = ()   # or ({"epochs", "l1", "l2", "frozen": towers}, ...): replaces num_epochs
 
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100
@@ -56,4 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.query_chunk = 1024       # queries ranked per call
   config.eval.candidate_chunk = 4096   # candidates scored per scan step and device
   config.eval.tie_tolerance = 1e-5     # scores this close to the ground truth's tie
+  config.eval.user_vectors = "model"   # or "avg_text" / "avg_image" (Table 4 baselines)
+  config.update_from_flattened_dict(VARIANTS[variant])
   return config

@@ -83,7 +83,7 @@ def eval_batches(data_dir: str, metadata: Mapping, split: str, batch_size: int,
   """
   source = records.ShardReader(split_paths(data_dir, metadata, split))
   parser = records.Parser(
-      feature_dim=metadata.get("feature_dim", 0) if image_input else 0,
+      feature_dim=metadata.get("feature_dim", 0) if image_input else None,
       image_size=metadata.get("image_size", 0) if image_input == "pixels" else 0)
   ds = grain.MapDataset.source(source).batch(batch_size, batch_fn=parser.batch)
   try:

@@ -60,6 +60,7 @@ class Options:
   text_fields: tuple = ("text",)
   image_field: str = "image"
   timestamp_field: str = "timestamp"
+  interest_field: str | None = None   # a user's interests: this field's values over their posts
   image_root: str | None = None       # default: the folder of the posts file
   image_size: int = 64
   image_features: str | None = None   # .npz: image path (as in the posts) or id -> vector
@@ -108,7 +109,7 @@ def parse_timestamp(value) -> int | None:
 
 
 def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
-  """One JSONL line -> {post_id, user_id, text, image, timestamp} or BadRecord."""
+  """One JSONL line -> {post_id, user_id, text, image, timestamp, interest} or BadRecord."""
   try:
     decoded = line.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -130,8 +131,10 @@ def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
   if not raw_text.strip() and image is None:
     return BadRecord("no_text_no_image", line_no, post_id)
   stamp = post.get(options.timestamp_field)   # absent: 0; unreadable: None (noted)
+  interest = _field(post, options.interest_field) if options.interest_field else None
   return dict(post_id=post_id, user_id=user, text=raw_text, image=image,
-              timestamp=0 if stamp is None else parse_timestamp(stamp))
+              timestamp=0 if stamp is None else parse_timestamp(stamp),
+              interest=interest and " ".join(interest.split()))   # no tabs or newlines
 
 
 def _field(post: dict, name: str) -> str | None:
@@ -177,7 +180,8 @@ def process_post(post: dict, line_no: int, options: Options, root: str):
     return None, issues
   return dict(words=words, image_path=path, image_key=post["image"],
               pixel_hash=pixel_hash, post_id=post["post_id"], user_id=post["user_id"],
-              timestamp=post["timestamp"] or 0, line=line_no), issues
+              timestamp=post["timestamp"] or 0, interest=post["interest"],
+              line=line_no), issues
 
 
 # --------------------------------------------------------------- pass 1 ------
@@ -204,7 +208,7 @@ def _pass1_chunk(args) -> dict:
       lengths=np.asarray([len(p["words"]) for p in kept], np.int32),
       **{k: [p[k] for p in kept] for k in (
           "post_id", "user_id", "timestamp", "line", "image_path", "image_key",
-          "pixel_hash")})
+          "pixel_hash", "interest")})
 
 
 def _line_chunks(path: str, chunk_lines: int, options: Options, root: str):
@@ -279,9 +283,10 @@ class _Issues:
 
 def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
          issues: _Issues) -> dict:
-  """Pass 1: every kept post's compact columns (word ids index `words`)."""
+  """Pass 1: every kept post's compact columns (word ids index `words`, interest
+  ids `interest_labels`, -1 = none)."""
   size = max(os.path.getsize(posts_path), 1)
-  word_index, user_index, image_index = {}, {}, {}
+  word_index, user_index, image_index, interest_index = {}, {}, {}, {}
   image_paths, image_keys, seen_ids = [], [], set()
   cols = collections.defaultdict(list)
   progress, n_posts = _Progress("pass 1 (clean, hash images)"), 0
@@ -312,6 +317,9 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       cols["post_id"].append(res["post_id"][i])
       cols["timestamp"].append(res["timestamp"][i])
       cols["line"].append(res["line"][i])
+      interest = res["interest"][i]
+      cols["interest"].append(-1 if interest is None else
+                              interest_index.setdefault(interest, len(interest_index)))
     n_posts += int(keep.sum())
     progress.update(n_posts, offset / size)
   progress.update(n_posts, 1.0, force=True)
@@ -324,7 +332,8 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       image=np.asarray(cols["image"], np.int64), user=np.asarray(cols["user"], np.int64),
       post_id=cols["post_id"], timestamp=np.asarray(cols["timestamp"], np.int64),
       line=np.asarray(cols["line"], np.int64), num_users_seen=len(user_index),
-      users=list(user_index))
+      users=list(user_index), interest=np.asarray(cols["interest"], np.int64),
+      interest_labels=list(interest_index))
 
 
 # ------------------------------------------------------------- features ------
@@ -340,6 +349,20 @@ def _feature_key(keys: Sequence[str], key: str) -> str | None:
 @functools.lru_cache(maxsize=2)
 def _features_file(path: str):
   return np.load(path)
+
+
+# --------------------------------------------------------------- interests ---
+
+def user_interests(user: np.ndarray, interest: np.ndarray, labels: Sequence[str],
+                   num_users: int) -> list[list[str]]:
+  """Each user's sorted interest labels: the values over their posts.
+
+  user, interest: [N] per post (interest indexes `labels`, -1 = none).
+  """
+  out = [[] for _ in range(num_users)]
+  for u, i in np.unique(np.stack([user, interest], 1)[interest >= 0], axis=0):
+    out[u].append(labels[i])
+  return [sorted(x) for x in out]
 
 
 # ------------------------------------------------------------------ splits ---
@@ -494,6 +517,14 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
     records.write_lines(out_dir, records.VOCAB_FILE, vocab)
     records.write_lines(out_dir, records.USERS_FILE,
                         (posts["users"][u] for u in user_ids))
+    interests = None
+    if options.interest_field:
+      per_user = user_interests(user, posts["interest"][kept], posts["interest_labels"],
+                                len(user_ids))
+      records.write_lines(out_dir, records.INTERESTS_FILE, map("\t".join, per_user))
+      interests = dict(field=options.interest_field,
+                       labels=len({x for labels in per_user for x in labels}),
+                       users_with_interests=sum(map(bool, per_user)))
 
     if options.word2vec_dim:
       t_w2v = time.time()
@@ -562,12 +593,13 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
               (kept & (image >= 0)).sum() - len(image_ids)),
           posts_repeating_an_earlier_word_set=int((set_of_post >= 0).sum() - sets.shape[0]),
           **dup_stats),
-      splits=split_stats, problems=issues.report(),
-      notes=([] if len(image_ids) else [
-          "no images: the image-text and image-user terms contribute nothing; train "
-          "with --config.model.image_input=pixels (feature_dim 0)"]) + (
-          [] if feature_dim else ["no image features: train with "
-                                  "--config.model.image_input=pixels"]))
+      splits=split_stats, interests=interests, problems=issues.report(),
+      notes=[] if feature_dim else [
+          "no image features: train with --config.model.image_input=pixels"
+          if len(image_ids) else
+          "no images: the image-text and image-user terms contribute nothing; the "
+          "default --config.model.image_input=features (feature_dim 0) trains the "
+          "text and user towers"])
   with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
     json.dump(report, f, indent=1)
   return report
@@ -588,5 +620,7 @@ def summary(report: dict) -> str:
       f"{d['posts_repeating_an_earlier_word_set']} repeat a text, "
       f"{d['near_duplicate_pairs']} near-duplicate text pairs",
       f"  splits: {report['splits']}",
+      *([f"  interests ({i['field']}): {i['labels']} labels, {i['users_with_interests']} "
+         f"of {report['users']} users have one"] if (i := report["interests"]) else []),
       f"  problems: {problems}",
       *[f"  note: {n}" for n in report["notes"]]])

@@ -39,6 +39,7 @@ UNK_ID = 1
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
 USERS_FILE = "users.txt"       # original id of each user index, one a line
+INTERESTS_FILE = "interests.txt"  # interest labels of each user index, tab-separated
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 
@@ -154,8 +155,9 @@ def serialize(post: Mapping) -> bytes:
 class Parser:
   """Example bytes -> NumPy arrays with fixed shapes (defaults filled in).
 
-  feature_dim: length of `image_features` (0: not used); image_size: side of
-  the decoded RGB `image` (0: not decoded). Posts without an image get zeros.
+  feature_dim: length of `image_features` (None: not parsed; 0: an empty
+  [N, 0] array, for data without features); image_size: side of the decoded
+  RGB `image` (0: not decoded). Posts without an image get zeros.
   Reads the fields of tfds's generated Example proto directly into
   preallocated batch arrays: tfds's generic NumPy parser spends ~100 us per
   record on bookkeeping, the input pipeline's whole budget.
@@ -163,7 +165,7 @@ class Parser:
   INTS = {"user": np.int32, "text_hash": np.int64, "image_mask": bool,
           "image_id": np.int64, "timestamp": np.int64, "topic": np.int32}
 
-  def __init__(self, feature_dim: int = 0, image_size: int = 0):
+  def __init__(self, feature_dim: int | None = None, image_size: int = 0):
     self.feature_dim = feature_dim
     self.image_size = image_size
 
@@ -178,7 +180,7 @@ class Parser:
     out["post_id"] = np.empty([n], object)
     out["tokens"] = np.zeros([n, MAX_LEN], np.int32)
     out["text_mask"] = np.zeros([n, MAX_LEN], bool)
-    if self.feature_dim:
+    if self.feature_dim is not None:
       out["image_features"] = np.zeros([n, self.feature_dim], np.float32)
     if self.image_size:
       out["image"] = np.zeros([n, self.image_size, self.image_size, 3], np.uint8)

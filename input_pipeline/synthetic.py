@@ -7,6 +7,8 @@ score every retrieval task with the true posterior of the model.
 Generative story (T topics, U users):
   user u:   sparse interests theta_u (k in [topics_min, topics_max] topics,
             Dirichlet(1) weights) and activity pi_u (log-normal, normalised).
+            The topics with theta_uz > 0 are written as the user's interest
+            labels (`interests.txt`, e.g. "topic03").
   post:     author u ~ pi; topic z ~ theta_u; timestamp ~ U(0, days).
   text:     length L ~ U[min_len, max_len]; each token is a topic word ~ phi_z
             with prob. `topic_word_prob`, else a background word ~ beta.
@@ -21,6 +23,9 @@ Generative story (T topics, U users):
   actions:  each user likes/re-shares `actions_per_user` posts of others, drawn
             prop. to (theta_u[z_post] + 0.01) x (3 if the author is followed),
             some minutes to hours after the post.
+Written as a prepared dataset (records.py) plus `oracle.npz` and `graph.npz`:
+follows [E, 2] (user, followee), actions [A, 3] (user, post row, unix time) and
+post_ids [N] (post row -> the record's post_id).
 No word or feature belongs to a single user, so identity is never given away by
 one token: users are known only through what they talk about.
 """
@@ -166,6 +171,11 @@ def _render(topic_colors, topic_freqs, z, rng, size) -> np.ndarray:
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def topic_name(z: int) -> str:
+  """The label of topic z in interests.txt ("topic03"), as in its words' names."""
+  return f"topic{z:02d}"
+
+
 def generate(spec: CorpusSpec) -> dict:
   """Draws a corpus; returns posts, images, graph, vocab and the oracle."""
   rng = np.random.default_rng(spec.seed)
@@ -182,7 +192,7 @@ def generate(spec: CorpusSpec) -> dict:
   W, B = spec.words_per_topic, spec.background_words
   first_topic, first_bg = 2, 2 + T * W
   vocab = (["<pad>", "<unk>"]
-           + [f"topic{z:02d}w{i:02d}" for z in range(T) for i in range(W)]
+           + [f"{topic_name(z)}w{i:02d}" for z in range(T) for i in range(W)]
            + [f"common{i:03d}" for i in range(B)])
   V = len(vocab)
   phi = np.full([T, T * W], spec.leak / (T * W))
@@ -272,9 +282,15 @@ def write_corpus(spec: CorpusSpec, directory: str, split_fractions: Mapping[str,
   records.write_lines(directory, records.VOCAB_FILE, corpus["vocab"])
   records.write_lines(directory, records.USERS_FILE,
                       (f"user{u:05d}" for u in range(spec.num_users)))
+  theta = corpus["oracle"].theta
+  records.write_lines(directory, records.INTERESTS_FILE,    # the planted interests
+                      ("\t".join(topic_name(z) for z in np.flatnonzero(row > 0))
+                       for row in theta))
   corpus["oracle"].save(os.path.join(directory, ORACLE_FILE))
-  np.savez(os.path.join(directory, GRAPH_FILE), follows=corpus["follows"],
-           actions=corpus["actions"])
+  actions = corpus["actions"].copy()
+  actions[:, 2] += _EPOCH_START
+  np.savez(os.path.join(directory, GRAPH_FILE), follows=corpus["follows"], actions=actions,
+           post_ids=np.array([f"p{i:07d}" for i in range(n)]))
   metadata = dict(
       source="embedded", spec=dataclasses.asdict(spec),
       num_users=spec.num_users, vocab_size=len(corpus["vocab"]),

@@ -1,47 +1,37 @@
 """Exports the user, text and image embeddings of a workdir's checkpoint.
 
   python launch/export.py --workdir=runs/du2mce --out=runs/du2mce/export \
-      [--checkpoint=best|latest|STEP] [--projector_rows=10000]
+      [--checkpoint=best|latest|STEP] [--shard_rows=1000000] [--projector_rows=10000]
 
-Writes NPY + TSV (ids) + a FAISS index per modality, and TensorBoard projector
-files (`tensorboard --logdir OUT/projector`). In a multi-process job each
-process writes its own part.
+Writes NPY + TSV (ids) + a FAISS index per shard of each modality, export.json,
+and TensorBoard projector files (`tensorboard --logdir OUT/projector`). In a
+multi-process job each process writes its own part (see sempre_jax/export.py).
 """
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags
 
-from sempre_jax import export, train
+from sempre_jax import cli, export, space
 
-flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
+cli.define_checkpoint_flags()
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_string("checkpoint", "best", "'best' (on validation), 'latest' or a step number.")
+flags.DEFINE_integer("shard_rows", 1_000_000, "Rows per shard of each modality's part.")
 flags.DEFINE_integer("projector_rows", 10_000, "Rows per modality in the projector files.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process job (cluster environment).")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   if FLAGS.distributed:
     jax.distributed.initialize()
-  try:
-    config, model, data_dir, metadata, params, step = train.restore_checkpoint(
-        FLAGS.workdir, FLAGS.checkpoint)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  embeddings = space.Space.restore(FLAGS.workdir, FLAGS.checkpoint)
   counts = export.export_embeddings(
-      model, params, data_dir, metadata, FLAGS.out, batch_size=config.eval.batch_size,
-      process=jax.process_index(), count=jax.process_count(),
-      projector_rows=FLAGS.projector_rows)
-  print(f"Exported step {step} of {FLAGS.workdir} to {FLAGS.out}: "
+      embeddings, FLAGS.out, process=jax.process_index(), count=jax.process_count(),
+      shard_rows=FLAGS.shard_rows, projector_rows=FLAGS.projector_rows)
+  print(f"Exported step {embeddings.step} of {FLAGS.workdir} to {FLAGS.out}: "
         + ", ".join(f"{n} {name}" for name, n in counts.items()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

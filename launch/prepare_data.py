@@ -1,6 +1,7 @@
 """Prepares a raw crawl (JSONL posts + image folder) into training shards.
 
   python launch/prepare_data.py --posts=posts.jsonl --out=DATA [--text_fields=subject,text]
+      [--interest_field=group]
   python launch/train.py --config=configs/du2mce.py --config.data.dir=DATA \
       --config.model.image_input=pixels
 """
@@ -19,6 +20,8 @@ flags.DEFINE_string("user_field", _D.user_field, "Field of the user id.")
 flags.DEFINE_list("text_fields", list(_D.text_fields), "Fields joined into the text.")
 flags.DEFINE_string("image_field", _D.image_field, "Field of the image path.")
 flags.DEFINE_string("timestamp_field", _D.timestamp_field, "Field of the timestamp.")
+flags.DEFINE_string("interest_field", None, "Field whose values over a user's posts are "
+                    "the user's interests (interests.txt, for launch/interests.py).")
 flags.DEFINE_string("image_root", None, "Folder of the images (default: the posts' folder).")
 flags.DEFINE_integer("image_size", _D.image_size, "Side of the stored RGB images.")
 flags.DEFINE_string("image_features", None, ".npz: image path or id -> feature vector.")

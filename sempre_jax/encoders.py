@@ -19,12 +19,15 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
 
 
 class FeatureImageEncoder(nn.Module):
-  """Frozen-CNN features [B, F] -> Dense -> [B, D]."""
+  """Frozen-CNN features [B, F] -> Dense -> [B, D]; F = 0 (data without
+  images, e.g. text only) -> zeros, no parameters."""
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    if features.shape[-1] == 0:
+      return jnp.zeros(features.shape[:-1] + (self.embed_dim,), jnp.float32)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(features))
 
 
@@ -85,3 +88,30 @@ class UserEncoder(nn.Module):
   def __call__(self, users: jnp.ndarray) -> jnp.ndarray:
     x = nn.Embed(self.num_users, self.user_dim, dtype=self.dtype, name="user_embed")(users)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(x))
+
+
+class LSTMTextEncoder(nn.Module):
+  """An LSTM reading a text: tokens [..., L] -> its last hidden state [..., H].
+
+  Word embeddings [V, word_dim] into flax's LSTM cell. Only the positions of
+  `mask` are read, in their order (they are moved to the front first, so where
+  the padding sits changes nothing); an empty text gives zeros. The state is
+  neither projected nor normalised.
+  """
+  vocab_size: int
+  hidden_dim: int
+  word_dim: int = 300
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    lead, length = tokens.shape[:-1], tokens.shape[-1]
+    tokens, mask = tokens.reshape(-1, length), mask.reshape(-1, length).astype(bool)
+    order = jnp.argsort(~mask, axis=-1, stable=True)              # valid tokens first
+    tokens = jnp.take_along_axis(tokens, order, axis=-1)
+    lengths = mask.sum(axis=-1)
+    x = nn.Embed(self.vocab_size, self.word_dim, dtype=self.dtype, name="word_embed")(tokens)
+    cell = nn.OptimizedLSTMCell(self.hidden_dim, dtype=self.dtype, name="lstm")
+    (_, h), _ = nn.RNN(cell)(x, seq_lengths=lengths, return_carry=True)
+    h = jnp.where(lengths[:, None] > 0, h.astype(jnp.float32), 0.0)
+    return h.reshape(lead + (self.hidden_dim,))

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import gammaln
 
 from input_pipeline import loader, synthetic
-from sempre_jax import mesh as mesh_lib, models, ranks
+from sempre_jax import encoders, mesh as mesh_lib, models, ranks
 
 TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user",
          "user->text", "text->image", "user->image")
@@ -240,7 +240,9 @@ class RetrievalEvaluator:
   def model_ranks(self, params) -> dict:
     """{task: ranks} of the model with `params`."""
     embed = Embedder(self.model, params, self.config.batch_size, self.mesh)
-    users = embed("user", np.arange(self.num_users, dtype=np.int32))
+    kind = self.config.get("user_vectors", "model")
+    users = (embed("user", np.arange(self.num_users, dtype=np.int32)) if kind == "model"
+             else self._average_users(embed, kind))
     texts, images = [], []
     n = 0
     for batch in loader.eval_batches(self.data_dir, self.metadata, self.split,
@@ -264,9 +266,29 @@ class RetrievalEvaluator:
         "user->image": self._ranker(images)(users[self.image_users],
                                             self.gt["user->image"])}
 
-  def run(self, params) -> dict:
-    """{task: metrics} for the model, plus "oracle" when the split has one."""
-    results = self._metrics(self.model_ranks(params))
+  def _average_users(self, embed: "Embedder", kind: str) -> jax.Array:
+    """[U, D] each user as the normalised mean of the embeddings of the texts
+    ("avg_text") or images ("avg_image") of their training posts (Table 4
+    baselines); users without one are zero vectors."""
+    if kind not in ("avg_text", "avg_image"):
+      raise ValueError(f"eval.user_vectors must be model, avg_text or avg_image, got {kind!r}")
+    sums = jnp.zeros([self.num_users, self.model.embed_dim])
+    image_input = self.model.image_input if kind == "avg_image" else None
+    for batch in loader.eval_batches(self.data_dir, self.metadata, "train",
+                                     self.config.batch_size, image_input):
+      if kind == "avg_text":
+        rows = np.flatnonzero(batch["text_mask"].any(1))
+        vectors = embed("text", batch["tokens"][rows], batch["text_mask"][rows])
+      else:
+        rows = np.flatnonzero(batch["image_mask"])
+        vectors = embed("image", batch[self.image_key][rows])
+      sums = sums.at[batch["user"][rows]].add(vectors)
+    return encoders.l2_normalize(sums)
+
+  def run(self, variables) -> dict:
+    """{task: metrics} for the model with `variables` ({"params": ...}), plus
+    "oracle" when the split has one."""
+    results = self._metrics(self.model_ranks(variables["params"]))
     if self.oracle is not None:
       results["oracle"] = self.oracle
     return results

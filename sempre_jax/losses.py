@@ -94,12 +94,15 @@ def chunked_hinge(anchors, pos, anchor_valid, cands, cand_has, own_keys, cand_ke
 
 def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray], *,
                 lambdas: tuple[float, float], margin: float, mining: str,
-                axis_name: str | None = None, candidate_chunk: int = 0):
+                axis_name: str | None = None, candidate_chunk: int = 0,
+                content_of_posts: bool = False):
   """Eq. 1 for the local anchors, negatives from the global batch.
 
   emb: {"text", "image", "user"} -> [b, D] local embeddings; batch: the local
   batch (needs tokens' text_mask, image_mask, user, text_hash, image_id);
-  candidate_chunk: 0, or the chunk size of the candidate scan.
+  candidate_chunk: 0, or the chunk size of the candidate scan;
+  content_of_posts: emb["text"] is the post's merged content (Merged-Modality
+  baseline), present when the post has a text or an image.
   Returns (loss, metrics): the local share of the global loss (summing it over
   devices gives Eq. 1) and psum'ed sums/counts per term.
   """
@@ -118,6 +121,8 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
         sim, axis_name, split_axis=1, concat_axis=0, tiled=True).T
 
   has = presence(batch)
+  if content_of_posts:
+    has["text"] = has["text"] | has["image"]
   keys = {m: batch[IDENTITY_KEY[m]] for m in IDENTITY_KEY}
   gathered = emb if candidate_chunk else dict.fromkeys(b for _, b in TERMS.values())
   g_emb = {m: gather(emb[m]) for m in gathered}

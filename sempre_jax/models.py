@@ -1,6 +1,7 @@
 """How are the towers wired?
 
 DU2MCE: three independent towers (text, image, user) into one D-dim space.
+(The family models, D-Sempre, CDL and AMNL, live in modules of their own.)
 """
 
 import os
@@ -28,6 +29,7 @@ class DU2MCE(nn.Module):
   text_filters: tuple = (512, 256, 256)
   image_input: str = "features"   # or "pixels"
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
+  merge_content: bool = False     # Merged-Modality baseline: "text" = the post's content
 
   def setup(self):
     self.text = encoders.KimCNNTextEncoder(
@@ -53,12 +55,22 @@ class DU2MCE(nn.Module):
     return self.user(users)
 
   def __call__(self, batch: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
-    """Batch dict -> {"text", "image", "user"}: [B, D] each."""
-    return {
+    """Batch dict -> {"text", "image", "user"}: [B, D] each.
+
+    With merge_content, "text" is the post's content vector: the normalised
+    sum of its text and image embeddings (a missing modality adds zeros).
+    """
+    emb = {
         "text": self.embed_text(batch["tokens"], batch["text_mask"]),
         "image": self.embed_image(batch[image_key(self.image_input)]),
         "user": self.embed_user(batch["user"]),
     }
+    if self.merge_content:
+      has_text = batch["text_mask"].any(axis=-1, keepdims=True)
+      has_image = batch["image_mask"].astype(bool)[:, None]
+      emb["text"] = encoders.l2_normalize(jnp.where(has_text, emb["text"], 0.0)
+                                          + jnp.where(has_image, emb["image"], 0.0))
+    return emb
 
 
 def image_key(image_input: str) -> str:
@@ -73,7 +85,7 @@ def build_model(config: ml_collections.ConfigDict, metadata: Mapping) -> DU2MCE:
       embed_dim=config.embed_dim, word_dim=config.word_dim,
       user_dim=config.user_dim, text_widths=tuple(config.text_widths),
       text_filters=tuple(config.text_filters), image_input=config.image_input,
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype), merge_content=config.get("merge_content", False))
 
 
 def init_from_word2vec(params: Mapping, data_dir: str) -> dict:

@@ -2,11 +2,17 @@
 
 The step is per-device code with named-axis collectives (the pmap model),
 compiled with `jax.jit` over a ("data",) mesh through `jax.shard_map`: each
-device embeds its shard of the global batch, all-gathers the candidate
-embeddings so negatives come from the global batch, and computes the loss of
-its own anchors. Parameters are replicated, so `jax.grad` of the local loss
-share already returns the psum of the per-device gradients: the gradient of
-the global-batch loss (Eq. 1), identical to one device on the same batch.
+device runs the task's loss on its shard of the global batch (DU2MCE
+all-gathers the candidate embeddings so negatives come from the global batch;
+the family models' triplets carry their negatives; BatchNorm statistics are
+averaged over the mesh). Parameters are replicated, so `jax.grad` of the local
+loss share already returns the psum of the per-device gradients: the gradient
+of the global-batch loss, identical to one device on the same batch.
+
+A run is resumable: checkpoints hold the model, the optimizer and the data
+iterator; validation every N steps keeps the best state, and the test split is
+evaluated with it (sections below: train state, step, checkpoints, guards,
+metrics, data, loop).
 """
 
 import dataclasses
@@ -16,9 +22,10 @@ import re
 import signal
 import time
 from collections.abc import Mapping
+from typing import Any
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,8 +35,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
-from input_pipeline import loader, records, synthetic, word2vec
-from sempre_jax import evaluation, losses, mesh as mesh_lib, models
+from input_pipeline import records, synthetic
+from sempre_jax import evaluation, mesh as mesh_lib, tasks
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -39,37 +46,65 @@ VALIDATION_LOG = "validation.jsonl"
 
 # ============================================================ train state ===
 
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state and the model's other variables ({} or
+  {"batch_stats": ...}: BatchNorm statistics, updated by the step)."""
+  model_state: Any = None
+
+  def variables(self) -> dict:
+    return {"params": self.params, **self.model_state}
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Adam; the learning rate is divided by `lr_decay` every `lr_decay_epochs`."""
+  """config.optimizer: "adam" (default) or "sgd" (with config.momentum), plus
+  config.weight_decay (decoupled, 0 by default); the learning rate is divided
+  by `lr_decay` every `lr_decay_epochs`."""
   schedule = optax.exponential_decay(
       config.learning_rate, transition_steps=config.lr_decay_epochs * steps_per_epoch,
       decay_rate=1.0 / config.lr_decay, staircase=True)
-  return optax.adam(schedule)
+  name = config.get("optimizer", "adam")
+  if name == "adam":
+    tx = optax.adam(schedule)
+  elif name == "sgd":
+    tx = optax.sgd(schedule, momentum=config.get("momentum") or None)
+  else:
+    raise ValueError(f"optimizer must be adam or sgd, got {name!r}")
+  wd = config.get("weight_decay", 0.0)
+  return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, example_batch: Mapping,
-                       tx: optax.GradientTransformation) -> train_state.TrainState:
-  """Initialised parameters and optimizer state (replicated later by the mesh)."""
-  params = jax.jit(model.init)(rng, example_batch)["params"]
-  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> TrainState:
+  """A train state from initialised model variables (replicated later by the mesh)."""
+  variables = dict(variables)
+  params = variables.pop("params")
+  return TrainState.create(apply_fn=None, params=params, tx=tx, model_state=variables)
 
 
 # =================================================================== step ===
 
-def make_train_step(model: nn.Module, loss_config: ml_collections.ConfigDict, mesh: Mesh):
-  """jit(shard_map(step)): (state, global batch) -> (state, summed metrics)."""
+def make_train_step(loss_fn, mesh: Mesh, frozen: tuple[str, ...] = (), seed: int = 0):
+  """jit(shard_map(step)): (state, global batch) -> (state, summed metrics).
+
+  loss_fn(variables, local batch, rng) -> (this device's share of the global
+  loss, psum'ed metrics, model-state updates); the dropout rng differs per
+  step and device. Parameters of the top-level modules named in `frozen` do
+  not move.
+  """
 
   def per_device_step(state, batch):
-    def loss_fn(params):
-      emb = model.apply({"params": params}, batch)
-      return losses.du2mce_loss(
-          emb, batch, lambdas=(loss_config.l1, loss_config.l2),
-          margin=loss_config.margin, mining=loss_config.mining, axis_name=mesh_lib.AXIS,
-          candidate_chunk=loss_config.candidate_chunk)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
+                             jax.lax.axis_index(mesh_lib.AXIS))
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    def objective(params):
+      loss, metrics, updates = loss_fn({"params": params, **state.model_state}, batch, rng)
+      return loss, (metrics, updates)
+
+    grads, (metrics, updates) = jax.grad(objective, has_aux=True)(state.params)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    steps, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    steps = {k: jax.tree.map(jnp.zeros_like, v) if k in frozen else v for k, v in steps.items()}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, steps),
+                         opt_state=opt_state, model_state={**state.model_state, **updates}), metrics
 
   step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)),
                        out_specs=(P(), P()))
@@ -177,9 +212,14 @@ def check_finite(step: int, metrics: Mapping, last_good: int | None) -> None:
 
 @dataclasses.dataclass
 class Progress:
-  """Sums metrics between log lines and reports rate and ETA."""
+  """Sums metrics between log lines and reports each loss term, rate and ETA.
+
+  A term t is reported from the metrics "t_loss_sum" / "t_pairs" (its mean
+  per example: per positive pair, per triplet).
+  """
   total_steps: int
   batch_size: int
+  unit: str = "posts"
 
   def __post_init__(self):
     self.sums, self.steps, self.t0 = {}, 0, time.time()
@@ -198,14 +238,14 @@ class Progress:
     eta = (self.total_steps - step) / max(overall, 1e-9)
     s = self.sums
     scalars = {"loss": s["loss"] / self.steps, "grad_norm": s["grad_norm"] / self.steps,
-               "steps_per_s": rate,
-               "posts_per_s": rate * self.batch_size}
-    for t in losses.TERMS:
+               "steps_per_s": rate, f"{self.unit}_per_s": rate * self.batch_size}
+    terms = [k[:-len("_loss_sum")] for k in s if k.endswith("_loss_sum")]
+    for t in terms:
       scalars[f"{t}_loss"] = s[f"{t}_loss_sum"] / max(s[f"{t}_pairs"], 1)
-    line = (f"step {step:>6}/{self.total_steps} | loss {scalars['loss']:.4f} "
-            f"(tu {scalars['tu_loss']:.3f} it {scalars['it_loss']:.3f} "
-            f"iu {scalars['iu_loss']:.3f}) | {rate:.2f} steps/s "
-            f"{rate * self.batch_size:.0f} posts/s | ETA {_duration(eta)}")
+    line = (f"step {step:>6}/{self.total_steps} | loss {scalars['loss']:.4f} ("
+            + " ".join(f"{t} {scalars[f'{t}_loss']:.3f}" for t in terms)
+            + f") | {rate:.2f} steps/s {rate * self.batch_size:.0f} {self.unit}/s | "
+            f"ETA {_duration(eta)}")
     self.sums, self.steps, self.t0 = {}, 0, now
     return scalars, line
 
@@ -250,34 +290,34 @@ def dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]
 
 # =================================================================== loop ===
 
-def report_eval(config: ml_collections.ConfigDict, model: nn.Module, data_dir: str,
-                metadata: Mapping, params, path: str, mesh: Mesh) -> dict:
-  """Evaluates `params` on config.eval.split; process 0 prints the table and writes `path`."""
-  evaluator = evaluation.RetrievalEvaluator(config.eval, model, data_dir, metadata, mesh)
-  results = evaluator.run(params)
+def report_eval(task, variables, split: str, mesh: Mesh, path: str) -> dict:
+  """Evaluates `variables` on `split`; process 0 prints the table and writes `path`."""
+  results = task.evaluator(split, mesh).run(variables)
   if jax.process_index() == 0:
-    print(f"\nRetrieval on the {config.eval.split} split (ranks are exact; "
-          f"random = median rank of a random ranking):")
-    print(evaluation.format_table(results), flush=True)
+    print(f"\nResults on the {split} split {task.format(results)}", flush=True)
     evaluation.write_results(results, path)
   return results
 
 
-def restore_checkpoint(workdir: str, checkpoint: str = "best"):
-  """(config, model, data_dir, metadata, params, step) of a workdir's checkpoint.
-
-  checkpoint: "best" (the best on validation; the latest when the run kept no
-  best), "latest" or a step number. Params come back as host arrays.
-  """
-  if checkpoint not in ("best", "latest") and not checkpoint.isdigit():
-    raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, "
-                     f"got {checkpoint!r}")
+def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a workdir written by "
                             "launch/train.py")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_variables(workdir: str, checkpoint: str = "best"):
+  """(config, task, variables, step) of a workdir's checkpoint.
+
+  checkpoint: "best" (the best on validation; the latest when the run kept no
+  best), "latest" or a step number. Variables come back as host arrays.
+  """
+  if checkpoint not in ("best", "latest") and not checkpoint.isdigit():
+    raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, "
+                     f"got {checkpoint!r}")
+  config = load_config(workdir)
   data_dir, metadata = dataset(config, workdir)
   steps_in = lambda d: (sorted(int(s) for s in os.listdir(d) if s.isdigit())
                         if os.path.isdir(d) else [])
@@ -289,34 +329,42 @@ def restore_checkpoint(workdir: str, checkpoint: str = "best"):
     raise ValueError(f"no checkpoint {checkpoint!r} in {directory} (has {steps})")
   step = int(checkpoint) if checkpoint.isdigit() else steps[-1]
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
-  return (config, models.build_model(config.model, metadata), data_dir, metadata,
-          state["params"], step)
+  task = tasks.build(config, data_dir, metadata, workdir)
+  return config, task, {"params": state["params"], **(state.get("model_state") or {})}, step
+
+
+def restore_checkpoint(workdir: str, checkpoint: str = "best"):
+  """(config, model, data_dir, metadata, params, step) of a DU2MCE workdir's checkpoint."""
+  config, task, variables, step = restore_variables(workdir, checkpoint)
+  if not isinstance(task, tasks.Retrieval):
+    raise ValueError(f"{workdir} holds a {config.model.name} model; this tool needs DU2MCE")
+  return config, task.model, task.data_dir, task.metadata, variables["params"], step
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = "best") -> dict:
   """Re-evaluates a checkpoint ("best", "latest" or a step) of a training workdir."""
-  config, model, data_dir, metadata, params, step = restore_checkpoint(workdir, checkpoint)
+  config, task, variables, step = restore_variables(workdir, checkpoint)
   print(f"Evaluating the checkpoint at step {step} of {workdir}", flush=True)
-  return report_eval(config, model, data_dir, metadata, params,
-                     os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"),
-                     mesh_lib.make_mesh(config.get("num_devices")))
+  return report_eval(task, variables, config.eval.split,
+                     mesh_lib.make_mesh(config.get("num_devices")),
+                     os.path.join(workdir, f"eval_{config.eval.split}_step{step}.json"))
 
 
 class Validation:
-  """Validation every config.eval.every_steps: the paper's selection score over
-  the tasks whose loss weight is non-zero, logged, and the best state kept."""
+  """Validation every config.eval.every_steps: the task's selection score
+  (lower is better), logged, and the best state kept."""
 
-  def __init__(self, config, model, data_dir, metadata, mesh, workdir, writer):
-    self.every = config.eval.every_steps
-    has_posts = metadata["splits"].get("validation", {}).get("num_posts", 0) > 0
-    if self.every and not has_posts and jax.process_index() == 0:
-      print("No validation split: no best checkpoint is kept; the test split is "
-            "evaluated with the final parameters.", flush=True)
-    self.every = self.every if has_posts else 0
-    self.weights = losses.term_weights(config.loss.l1, config.loss.l2)
-    self.evaluator = (evaluation.RetrievalEvaluator(
-        ml_collections.ConfigDict({**config.eval.to_dict(), "split": "validation"}),
-        model, data_dir, metadata, mesh) if self.every else None)
+  def __init__(self, config, task, stages, mesh, workdir: str, writer):
+    self.task, self.stages, self.every = task, stages, config.eval.every_steps
+    self.evaluator = None
+    if self.every:
+      try:
+        self.evaluator = task.evaluator("validation", mesh)
+      except ValueError as e:          # no validation posts / actions
+        if jax.process_index() == 0:
+          print(f"No validation ({e}): no best checkpoint is kept; the test split is "
+                "evaluated with the final parameters.", flush=True)
+        self.every = 0
     self.best = BestCheckpoint(workdir)
     self.log_path, self.writer = os.path.join(workdir, VALIDATION_LOG), writer
 
@@ -324,20 +372,18 @@ class Validation:
     return bool(self.every) and (step % self.every == 0 or step == total_steps)
 
   def __call__(self, step: int, state) -> None:
-    results = self.evaluator.run(state.params)
-    score = evaluation.selection_metric(results, self.weights)
+    results = self.evaluator.run(state.variables())
+    score = self.task.selection_score(results, self.stages)
     improved = self.best.offer(step, state, score, results)
     if jax.process_index() == 0:
       with open(self.log_path, "a") as f:
         f.write(json.dumps({"step": step, "score": score, "results": results}) + "\n")
       self.writer.add_scalar("validation/selection_score", score, step)
-      for task in evaluation.JOINT_TASKS:
-        if results[task].get("queries"):
-          self.writer.add_scalar(_tag("validation", task, "median_rank"),
-                                 results[task]["median_rank"], step)
-      print(f"validation at step {step}: score {score:.4f} (sum of median rank / "
-            f"candidates) {'new best' if improved else f'best {self.best.score:.4f} at step {self.best.step}'}",
-            flush=True)
+      for key, value in self.task.scalars(results).items():
+        self.writer.add_scalar(_tag("validation", *key), value, step)
+      status = ("new best" if improved
+                else f"best {self.best.score:.4f} at step {self.best.step}")
+      print(f"validation at step {step}: score {score:.4f} ({status})", flush=True)
 
   def close(self) -> None:
     self.best.close()
@@ -356,26 +402,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if config.batch_size % n_dev:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{n_dev} devices of the mesh")
-  local_batch = config.batch_size // n_proc
-  steps_per_epoch = metadata["splits"]["train"]["num_posts"] // config.batch_size
+  task = tasks.build(config, data_dir, metadata, workdir)
+  steps_per_epoch = task.num_train // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"the train split ({metadata['splits']['train']['num_posts']} "
-                     f"posts) is smaller than one batch of {config.batch_size}")
-  total_steps = int(config.num_epochs * steps_per_epoch)
+    raise ValueError(f"the training set ({task.num_train} {task.unit}) is smaller than "
+                     f"one batch of {config.batch_size}")
+  stages = task.stages(steps_per_epoch)
+  total_steps = stages[-1].end_step
 
-  model = models.build_model(config.model, metadata)
-  image_key = models.image_key(config.model.image_input)
-  data_iter = loader.train_iterator(
-      data_dir, metadata, batch_size=local_batch, image_input=config.model.image_input,
-      image_key=image_key, seed=config.seed, process_index=jax.process_index(),
-      process_count=n_proc)
+  data_iter = task.train_iterator(config.batch_size // n_proc, jax.process_index(), n_proc)
   tx = make_optimizer(config, steps_per_epoch)
   fresh_data_state = data_iter.get_state()
   example = jax.tree.map(lambda x: x[:1], next(data_iter))
-  state = create_train_state(jax.random.key(config.seed), model, example, tx)
-  if config.model.init_from_word2vec and os.path.exists(
-      os.path.join(data_dir, word2vec.INIT_FILE)):
-    state = state.replace(params=models.init_from_word2vec(state.params, data_dir))
+  state = create_train_state(task.init_variables(jax.random.key(config.seed), example), tx)
   state = jax.device_put(state, NamedSharding(mesh, P()))
 
   ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
@@ -389,18 +428,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     start = 0
     data_iter.set_state(fresh_data_state)
   if lead:
-    print(f"Training {config.num_epochs} epochs x {steps_per_epoch} steps of "
-          f"{config.batch_size} posts on {n_dev} device(s), {n_proc} process(es); "
+    print(f"Training {total_steps // steps_per_epoch} epochs x {steps_per_epoch} steps of "
+          f"{config.batch_size} {task.unit} on {n_dev} device(s), {n_proc} process(es); "
           f"data {data_dir}", flush=True)
 
-  train_step = make_train_step(model, config.loss, mesh)
+  train_steps = [make_train_step(task.loss_fn(s), mesh, s.frozen, config.seed)
+                 for s in stages]
   writer = SummaryWriter(workdir) if lead else None
-  progress = Progress(total_steps, config.batch_size)
-  validation = Validation(config, model, data_dir, metadata, mesh, workdir, writer)
+  progress = Progress(total_steps, config.batch_size, task.unit)
+  validation = Validation(config, task, stages, mesh, workdir, writer)
   preemption = Preemption()
   try:
     for step in range(start + 1, total_steps + 1):
-      state, metrics = train_step(state, mesh_lib.shard_batch(mesh, next(data_iter)))
+      stage = next(i for i, s in enumerate(stages) if step <= s.end_step)
+      state, metrics = train_steps[stage](state, mesh_lib.shard_batch(mesh, next(data_iter)))
       check_finite(step, metrics, ckpt.latest_step())
       progress.add(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -419,14 +460,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           print(f"Stopped by SIGTERM after step {step}; checkpoint saved. Run the "
                 "same command to continue.", flush=True)
         return state, None
-    # The paper's protocol: the test split is ranked with the best state on validation.
-    best = validation.best.step
-    params = state.params
+    # The paper's protocol: the test split is evaluated with the best state on validation.
+    best, final = validation.best.step, state
     if best is not None and best != int(state.step):
       if lead:
         print(f"\nThe best checkpoint on validation is step {best} (score "
               f"{validation.best.score:.4f}); evaluating it.", flush=True)
-      params = validation.best.restore(state).params
+      final = validation.best.restore(state)
   finally:
     preemption.release()
     validation.close()
@@ -435,13 +475,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       writer.flush()
 
   # ============================================================ evaluate ===
-  results = report_eval(config, model, data_dir, metadata, params,
-                        os.path.join(workdir, f"eval_{config.eval.split}.json"), mesh)
+  results = report_eval(task, final.variables(), config.eval.split, mesh,
+                        os.path.join(workdir, f"eval_{config.eval.split}.json"))
   if lead:
-    for task in evaluation.TASKS:
-      for k, v in results[task].items():
-        writer.add_scalar(_tag(config.eval.split, task, k), v, total_steps)
-    writer.add_scalar(_tag(config.eval.split, "joint_normalised_median_rank"),
-                      results["joint"]["normalised_median_rank"], total_steps)
+    for key, value in task.scalars(results).items():
+      writer.add_scalar(_tag(config.eval.split, *key), value, total_steps)
     writer.close()
   return state, results

@@ -6,7 +6,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from sempre_jax import mesh as mesh_lib, models, ranks, train
+from sempre_jax import mesh as mesh_lib, models, ranks, tasks, train
 
 GLOBAL_BATCH = 8
 
@@ -32,12 +32,13 @@ def one_step(process_index: int, process_count: int):
   model = models.build_model(config.model, {"num_users": 5, "vocab_size": 20})
   batch = global_batch()
   tx = train.make_optimizer(config, steps_per_epoch=10)
-  state = train.create_train_state(jax.random.key(0), model, batch, tx)
+  state = train.create_train_state(model.init(jax.random.key(0), batch), tx)
   mesh = mesh_lib.make_mesh()
   state = jax.device_put(state, NamedSharding(mesh, P()))
   per = GLOBAL_BATCH // process_count
   local = jax.tree.map(lambda x: x[process_index * per:(process_index + 1) * per], batch)
-  state, metrics = train.make_train_step(model, config.loss, mesh)(
+  state, metrics = train.make_train_step(
+      tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2)), mesh)(
       state, mesh_lib.shard_batch(mesh, local))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}

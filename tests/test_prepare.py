@@ -279,3 +279,36 @@ def test_users_file_maps_indices_back_to_original_ids(prepared_bad):
     pid = str(post["post_id"], "utf-8")
     if pid.startswith("ok"):
       assert users[post["user"]] == f"u{int(pid[2:]) % 3}"
+
+
+# ------------------------------------------------------------------ interests --
+
+def test_interest_field_collects_each_users_values_over_all_kept_posts(tmp_path):
+  rng = np.random.default_rng(2)
+  post = lambda pid, user, **extra: json.dumps(
+      {"post_id": pid, "user_id": user, "text": " ".join(rng.choice(WORDS, 6)), **extra})
+  groups = {"u0": ["sci.space", "rec.autos"], "u1": ["rec.autos"], "u2": [None],
+            "u3": ["talk\tpolitics  misc"], "u4": [f"g{i}" for i in range(20)]}
+  lines = [post(f"{u}-{i}", u, **({"group": g[i % len(g)]} if g[i % len(g)] else {}))
+           for i in range(20) for u, g in groups.items()]
+  lines += [post("u1-0", "u1", group="comp.dropped"),      # a duplicate id: dropped
+            post("u2-x", "u2", group=["a", "list"])]        # not a value: no interest
+  (tmp_path / "posts.jsonl").write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "data")
+  report = prepare.prepare(str(tmp_path / "posts.jsonl"), out, prepare.Options(
+      interest_field="group", word2vec_dim=0, workers=1), log=lambda *a: None)
+  assert report["interests"] == {"field": "group", "labels": 23, "users_with_interests": 4}
+  assert "interests (group): 23 labels, 4 of 5 users have one" in prepare.summary(report)
+  users = records.read_lines(out, records.USERS_FILE)
+  interests = dict(zip(users, records.read_lines(out, records.INTERESTS_FILE)))
+  assert interests == {"u0": "rec.autos\tsci.space", "u1": "rec.autos", "u2": "",
+                       "u3": "talk politics misc",
+                       "u4": "\t".join(sorted(f"g{i}" for i in range(20)))}
+  # The labels are over the posts of every split: some of u4's are held out.
+  held_out = [str(p["post_id"], "utf-8") for split in ("validation", "test")
+              for p in _read_split(out, split)]
+  assert any(pid.startswith("u4-") for pid in held_out)
+  plain = prepare.prepare(str(tmp_path / "posts.jsonl"), str(tmp_path / "plain"),
+                          prepare.Options(word2vec_dim=0, workers=1), log=lambda *a: None)
+  assert plain["interests"] is None
+  assert records.read_lines(str(tmp_path / "plain"), records.INTERESTS_FILE) is None

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, synthetic
-from sempre_jax import mesh as mesh_lib, models, train
+from sempre_jax import mesh as mesh_lib, models, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=64", "--config.num_epochs=8",
@@ -24,13 +24,19 @@ TINY = ["--config.batch_size=64", "--config.num_epochs=8",
         "--config.model.embed_dim=32", "--config.model.word_dim=16",
         "--config.model.user_dim=16", "--config.model.text_filters=(16, 16, 16)",
         "--config.learning_rate=0.003", "--config.log_every_steps=5",
-        "--config.checkpoint_every_steps=10", "--config.eval.batch_size=128"]
+        "--config.checkpoint_every_steps=10", "--config.eval.batch_size=128",
+        "--config.eval.every_steps=20"]
 
 
 def _tiny_config():
   config = du2mce.get_config()
   config.model.update(embed_dim=16, word_dim=8, user_dim=8, text_filters=(8, 8, 8))
   return config
+
+
+def _train_step(model, config, mesh):
+  loss_fn = tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2))
+  return train.make_train_step(loss_fn, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +59,12 @@ def test_four_devices_match_one_device(batch_and_model, mining):
   config = _tiny_config()
   config.loss.mining = mining
   tx = train.make_optimizer(config, steps_per_epoch=10)
-  init = train.create_train_state(jax.random.key(0), model, batch, tx)
+  init = train.create_train_state(model.init(jax.random.key(0), batch), tx)
   out = {}
   for n in (1, 4):
     mesh = mesh_lib.make_mesh(n)
     state = jax.device_put(jax.tree.map(np.array, init), NamedSharding(mesh, P()))
-    step = train.make_train_step(model, config.loss, mesh)
+    step = _train_step(model, config, mesh)
     for _ in range(2):
       state, metrics = step(state, mesh_lib.shard_batch(mesh, batch))
     out[n] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
@@ -91,10 +97,16 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
     assert model["median_rank"] < 0.5 * model["random_median_rank"], (task, model)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
+  # Validation every 20 steps; the best score's state is the one kept and tested.
+  log = [json.loads(line) for line in open(tmp_path / train.VALIDATION_LOG)]
+  assert [v["step"] for v in log] == [20, 40, 60, 80, 100, 112]
+  best = min(log, key=lambda v: (v["score"], v["step"]))
+  assert os.listdir(tmp_path / train.BEST_DIR) == [str(best["step"])]
   again = subprocess.run([sys.executable, "launch/evaluate.py", f"--workdir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   step = again.stdout.split("checkpoint at step ")[1].split()[0]
+  assert int(step) == best["step"]
   assert json.load(open(tmp_path / f"eval_test_step{step}.json")) == results
 
   _check_export(tmp_path)
@@ -121,9 +133,9 @@ def test_pixel_encoder_trains_on_encoded_images(tmp_path):
   assert batch["image"][batch["image_mask"]].std() > 10        # real pictures
   assert not batch["image"][~batch["image_mask"]].any()        # missing -> zeros
   mesh = mesh_lib.make_mesh(1)
-  state = train.create_train_state(jax.random.key(0), model, batch,
+  state = train.create_train_state(model.init(jax.random.key(0), batch),
                                    train.make_optimizer(config, 10))
-  step = train.make_train_step(model, config.loss, mesh)
+  step = _train_step(model, config, mesh)
   before = np.asarray(state.params["image"]["conv0"]["kernel"])
   state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
                         mesh_lib.shard_batch(mesh, batch))
@@ -154,7 +166,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
   batch, model32 = batch_and_model
   model16 = model32.clone(dtype=jnp.bfloat16)
   config = _tiny_config()
-  state = train.create_train_state(jax.random.key(0), model16, batch,
+  state = train.create_train_state(model16.init(jax.random.key(0), batch),
                                    train.make_optimizer(config, 10))
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
           if hasattr(x, "dtype") and x.ndim} == {np.dtype(np.float32)}
@@ -164,7 +176,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
     assert emb16[k].dtype == jnp.float32
     np.testing.assert_allclose(emb16[k], emb32[k], atol=2e-2)
   mesh = mesh_lib.make_mesh(1)
-  step = train.make_train_step(model16, config.loss, mesh)
+  step = _train_step(model16, config, mesh)
   state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
                         mesh_lib.shard_batch(mesh, batch))
   assert np.isfinite(float(metrics["loss"]))
@@ -172,25 +184,44 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
 
 
 def _check_export(workdir):
-  """launch/export.py: parts with ids, FAISS top-1 = brute force, projector files."""
-  out = workdir / "export"
+  """launch/export.py: parts in shards of at most --shard_rows rows with ids, FAISS
+  top-1 over the shards = brute force, projector files."""
+  out, shard_rows = workdir / "export", 200
   run = subprocess.run([sys.executable, "launch/export.py", f"--workdir={workdir}",
-                        f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        f"--out={out}", f"--shard_rows={shard_rows}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert "posts/s" in run.stderr and "ETA" in run.stderr
   meta = json.load(open(workdir / "data" / "metadata.json"))
-  vectors = {n: np.load(out / f"{n}-00000-of-00001.npy") for n in ("users", "texts", "images")}
-  rows = {n: (out / f"{n}-00000-of-00001.tsv").read_text().splitlines()[1:] for n in vectors}
+  shards, vectors, rows = {}, {}, {}
+  for n in ("users", "texts", "images"):
+    shards[n] = sorted(p.name[:-len(".npy")] for p in out.glob(f"{n}-*.npy"))
+    assert shards[n] == [f"{n}-00000-of-00001-shard-{s:05d}-of-{len(shards[n]):05d}"
+                         for s in range(len(shards[n]))]
+    parts = [np.load(out / f"{s}.npy") for s in shards[n]]
+    assert all(len(p) == shard_rows for p in parts[:-1]) and 0 < len(parts[-1]) <= shard_rows
+    vectors[n] = np.concatenate(parts)
+    rows[n] = [r for s in shards[n] for r in (out / f"{s}.tsv").read_text().splitlines()[1:]]
   assert len(vectors["users"]) == meta["num_users"]
   assert len(vectors["texts"]) == sum(m["num_posts"] for m in meta["splits"].values())
   assert len(vectors["images"]) == meta["num_images"]
+  assert len(shards["texts"]) > 1 and len(shards["images"]) > 1
   for n in vectors:
     assert len(rows[n]) == len(vectors[n])
     np.testing.assert_allclose(np.linalg.norm(vectors[n], axis=1), 1, atol=1e-4)
+  assert len({r.split("\t")[0] for r in rows["images"]}) == meta["num_images"]
   import faiss
-  index = faiss.read_index(str(out / "users-00000-of-00001.faiss"))
+  index = faiss.read_index(str(out / f"{shards['users'][0]}.faiss"))
   _, top1 = index.search(vectors["texts"], 1)
   np.testing.assert_array_equal(top1[:, 0], np.argmax(vectors["texts"] @ vectors["users"].T, 1))
+  best, start = np.full([len(vectors["images"])], -np.inf), 0   # top-1 text over the shards
+  arg = np.zeros([len(vectors["images"])], np.int64)
+  for s in shards["texts"]:
+    index = faiss.read_index(str(out / f"{s}.faiss"))
+    score, i = index.search(vectors["images"], 1)
+    arg = np.where(score[:, 0] > best, start + i[:, 0], arg)
+    best, start = np.maximum(best, score[:, 0]), start + index.ntotal
+  np.testing.assert_array_equal(arg, np.argmax(vectors["images"] @ vectors["texts"].T, 1))
   config = (out / "projector" / "projector_config.pbtxt").read_text()
   for path in re.findall(r'_path: "([^"]+)"', config):
     assert (out / "projector" / path).exists()

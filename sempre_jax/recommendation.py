@@ -1,0 +1,169 @@
+"""How well does a model rank the posts a user acts on?
+
+The recommendation models (D-Sempre, CDL, AMNL) are judged per user: a list
+of candidate posts (each paper's protocol) whose positives are the user's
+held-out actions; the model scores every (user, candidate) pair and the
+metrics are averaged over the users that have a positive and a negative:
+  P@K = positives in the top K / K,   R@K = positives in the top K / positives,
+  AUC = P(a positive outscores a negative), a tie counting 1/2.
+Ties across the top-K cut are broken by a fixed random order of the
+candidates. Random baselines are exact expectations: E[P@K] = positives /
+candidates (for K <= candidates), E[R@K] = min(K, C) / C, AUC = 0.5.
+
+Protocols (config.eval.protocol):
+  all        every post the user neither wrote nor acted on in training, plus
+             the positives; at most `max_candidates` non-positives, a fixed
+             random sample (D-Sempre's ranking of all posts).
+  sampled    the user's held-out preferred images and `negatives_per_positive`
+             x as many other images the user never acted on (CDL: 20 + 80).
+  followees  the user's held-out re-shares and the posts of the user's
+             followees that the user did not act on, published from the user's
+             first held-out action on (AMNL).
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import scipy.stats
+
+from input_pipeline import interactions
+from sempre_jax import mesh as mesh_lib
+
+PROTOCOLS = ("all", "sampled", "followees")
+
+
+def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.ndarray],
+                    split: str, protocol: str, *, max_candidates: int = 1000,
+                    negatives_per_positive: int = 4, images_only: bool = False,
+                    seed: int = 0) -> dict:
+  """(user, post, label) triples, grouped by user: {"user", "post", "label"} [n]."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"eval.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  rng = np.random.default_rng(seed)
+  n = data.num_posts
+  held = data.actions[splits[split]]
+  keys = lambda a: np.unique(a[:, 0] * n + a[:, 1])
+  acted = keys(data.actions[np.concatenate([splits[s] for s in interactions.SPLITS])])
+  train_acted = keys(data.actions[splits["train"]])
+  pool = np.flatnonzero(data.posts["image_mask"]) if images_only else np.arange(n)
+  followees = interactions.followee_table(data)
+  author, stamp = data.posts["user"], data.posts["timestamp"]
+  out = {"user": [], "post": [], "label": []}
+  for u in np.unique(held[:, 0]):
+    pos = np.unique(held[held[:, 0] == u, 1])
+    if protocol == "all":
+      cands = pool[(author[pool] != u)]
+      cands = cands[~np.isin(u * n + cands, train_acted)]
+    elif protocol == "sampled":
+      cands = pool[(author[pool] != u)]
+      cands = cands[~np.isin(u * n + cands, acted)]
+      cands = rng.choice(cands, min(len(cands), negatives_per_positive * len(pos)),
+                         replace=False)
+    else:
+      start = held[held[:, 0] == u, 2].min()
+      cands = pool[np.isin(author[pool], followees[u]) & (stamp[pool] >= start)]
+      cands = cands[~np.isin(u * n + cands, acted)]
+    neg = np.setdiff1d(cands, pos)
+    if protocol == "all" and len(neg) > max_candidates:
+      neg = rng.choice(neg, max_candidates, replace=False)
+    if len(neg) == 0:
+      continue
+    out["user"] += [u] * (len(pos) + len(neg))
+    out["post"] += [*pos, *neg]
+    out["label"] += [True] * len(pos) + [False] * len(neg)
+  return {"user": np.asarray(out["user"], np.int64), "post": np.asarray(out["post"], np.int64),
+          "label": np.asarray(out["label"], bool)}
+
+
+def user_metrics(users: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                 at: tuple[int, ...], seed: int = 0) -> dict:
+  """Per-user P@K, R@K, AUC (and random baselines), averaged over users."""
+  tiebreak = np.random.default_rng(seed).random(len(users))
+  order = np.lexsort((tiebreak, -scores, users))
+  users, scores, labels = users[order], scores[order], labels[order]
+  starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+  stops = np.r_[starts[1:], len(users)]
+  per = {f"{m}@{k}": [] for m in ("P", "R") for k in at}
+  per.update({f"random_{k}": [] for k in per}, AUC=[], random_AUC=[])
+  for a, b in zip(starts, stops):
+    lab, c = labels[a:b], b - a
+    p = int(lab.sum())
+    for k in at:
+      hits = int(lab[:k].sum())
+      per[f"P@{k}"].append(hits / k)
+      per[f"R@{k}"].append(hits / p)
+      per[f"random_P@{k}"].append(p / c * min(k, c) / k)
+      per[f"random_R@{k}"].append(min(k, c) / c)
+    r = scipy.stats.rankdata(scores[a:b])                   # average ranks for ties
+    per["AUC"].append((r[lab].sum() - p * (p + 1) / 2) / (p * (c - p)))
+    per["random_AUC"].append(0.5)
+  out = {k: float(np.mean(v)) for k, v in per.items()}
+  out["users"] = len(starts)
+  out["candidates_per_user"] = float(np.mean(stops - starts))
+  out["positives_per_user"] = float(labels.sum() / max(len(starts), 1))
+  return out
+
+
+class RecommendationEvaluator:
+  """P@K, R@K and AUC of a family model on one split of the actions."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model, data: interactions.Interactions,
+               splits: Mapping[str, np.ndarray], split: str, *, image_key: str,
+               bags: np.ndarray | None, images_only: bool):
+    self.config, self.model, self.data, self.image_key = config, model, data, image_key
+    self.lists = candidate_lists(
+        data, splits, split, config.protocol, max_candidates=config.max_candidates,
+        negatives_per_positive=config.negatives_per_positive, images_only=images_only,
+        seed=config.seed)
+    if not len(self.lists["user"]):
+      raise ValueError(f"no user has held-out actions and candidates in the {split} split")
+    self.users = {"user": np.arange(data.num_users, dtype=np.int32),
+                  "followees": interactions.followee_table(data).astype(np.int32)}
+    if bags is not None:
+      self.users["user_bag"] = bags
+    self.posts = np.unique(self.lists["post"])
+    apply = lambda method: jax.jit(lambda v, x: model.apply(v, x, method=method))
+    self._embed_users, self._embed_posts = apply("embed_users"), apply("embed_posts")
+    self._score = jax.jit(lambda v, ur, pr, ui, pi: model.apply(
+        v, jax.tree.map(lambda x: x[ui], ur), jax.tree.map(lambda x: x[pi], pr),
+        method="score"))
+
+  def _batched(self, fn, variables, tree, n: int, bs: int):
+    """fn over the rows of a NumPy tree in padded batches -> concatenated outputs."""
+    out = []
+    for a in range(0, n, bs):
+      part = jax.tree.map(lambda x: x[a:a + bs], tree)
+      m = len(jax.tree.leaves(part)[0])
+      part = jax.tree.map(lambda x: np.concatenate(
+          [x, np.zeros((bs - m,) + x.shape[1:], x.dtype)]), part)
+      out.append(jax.tree.map(lambda y: y[:m], fn(variables, part)))
+    return jax.tree.map(lambda *ys: jnp.concatenate(ys), *out)
+
+  def run(self, variables) -> dict:
+    """Metrics of the model with `variables` ({"params": ..., maybe "batch_stats"})."""
+    variables = mesh_lib.to_host(variables)
+    bs = self.config.batch_size
+    users = self._batched(self._embed_users, variables, self.users,
+                          self.data.num_users, bs)
+    posts = self._batched(self._embed_posts, variables,
+                          {k: self.data.posts[k][self.posts]
+                           for k in interactions.POST_FIELDS + (self.image_key,)},
+                          len(self.posts), bs)
+    rows = {"ui": self.lists["user"], "pi": np.searchsorted(self.posts, self.lists["post"])}
+    scores = self._batched(lambda v, r: self._score(v, users, posts, r["ui"], r["pi"]),
+                           variables, rows, len(rows["ui"]), 16 * bs)
+    return user_metrics(self.lists["user"], np.asarray(scores, np.float64),
+                        self.lists["label"], tuple(self.config.at), self.config.seed)
+
+
+def format_table(results: Mapping, at: tuple[int, ...]) -> str:
+  """One line per metric: model beside random."""
+  lines = [f"{results['users']} users, {results['candidates_per_user']:.1f} candidates and "
+           f"{results['positives_per_user']:.1f} positives per user",
+           f"{'metric':<8} {'model':>7} {'random':>7}"]
+  for name in [f"P@{k}" for k in at] + [f"R@{k}" for k in at] + ["AUC"]:
+    lines.append(f"{name:<8} {results[name]:>7.3f} {results['random_' + name]:>7.3f}")
+  return "\n".join(lines)
