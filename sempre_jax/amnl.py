@@ -137,10 +137,12 @@ def default_model_config() -> ml_collections.ConfigDict:
   })
 
 
-def build(config: ml_collections.ConfigDict, num_users: int, vocab_size: int,
+def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
           axis_name: str | None = None) -> AMNL:
-  """AMNL from `config.model`-style settings, sized for a dataset."""
-  return AMNL(num_users=num_users, vocab_size=vocab_size, embed_dim=config.embed_dim,
+  """AMNL from `config.model`-style settings, sized for a dataset (sizes:
+  num_users, vocab_size, ...)."""
+  return AMNL(num_users=sizes["num_users"], vocab_size=sizes["vocab_size"],
+              embed_dim=config.embed_dim,
               lstm_dim=config.lstm_dim, word_dim=config.word_dim,
               modalities=config.modalities, dtype=jnp.dtype(config.dtype),
               axis_name=axis_name)

@@ -170,19 +170,20 @@ class CDL(nn.Module):
 
 def per_example_loss(out: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray],
                      config: ml_collections.ConfigDict):
-  """config.loss.variant's loss per triplet [b] and its terms {name: [b]}.
+  """The loss per triplet [b] and its terms {name: [b]}.
 
-  Triplets whose x+ or x- has no image give 0 (loss and terms). Terms: the
-  variant's loss ("cdl", "hinge", or "bce_pos" + "bce_neg"), "d_pos", "d_neg"
-  and "correct" (1 where D+ < D-).
+  out: CDL.__call__'s output; config: the job's config (reads
+  config.model.loss.variant and .margin). Triplets whose x+ or x- has no image
+  give 0 (loss and terms). Terms: the variant's loss ("cdl", "hinge", or
+  "bce_pos" + "bce_neg"), "d_pos", "d_neg" and "correct" (1 where D+ < D-).
   """
   d_pos, d_neg = out["d_pos"], out["d_neg"]
-  variant = config.loss.variant
-  check_variant(variant)
-  if variant == "cdl":
+  loss_config = config.model.loss
+  check_variant(loss_config.variant)
+  if loss_config.variant == "cdl":
     terms = {"cdl": jax.nn.softplus(d_pos - d_neg)}            # -log sigmoid(D- - D+)
-  elif variant == "hinge":
-    terms = {"hinge": jax.nn.relu(config.loss.margin + d_pos - d_neg)}
+  elif loss_config.variant == "hinge":
+    terms = {"hinge": jax.nn.relu(loss_config.margin + d_pos - d_neg)}
   else:                                                        # twonets
     terms = {"bce_pos": jax.nn.softplus(d_pos),                # -log sigmoid(-D+)
              "bce_neg": jax.nn.softplus(-d_neg)}               # -log (1 - sigmoid(-D-))
@@ -194,8 +195,9 @@ def per_example_loss(out: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.nda
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """The paper's network (AlexNet image net, 1024-d space, dropout 0.5) and the
-  CDL loss; image_width < 1 narrows every hidden layer of the image net."""
+  """CDL's model and loss hyper-parameters (config.model): the paper's network
+  (AlexNet image net, 1024-d space, dropout 0.5) and the CDL loss;
+  image_width < 1 narrows every hidden layer of the image net."""
   config = ml_collections.ConfigDict()
   config.embed_dim = 1024
   config.image_input = "pixels"   # or "features" (frozen-CNN features, dense layers only)
@@ -209,11 +211,13 @@ def default_model_config() -> ml_collections.ConfigDict:
   return config
 
 
-def build(config: ml_collections.ConfigDict, num_users: int, vocab_size: int,
+def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
           axis_name: str | None = None) -> CDL:
-  """The CDL module of a model config (default_model_config's fields)."""
+  """CDL from `config.model`-style settings, sized for a dataset (sizes:
+  num_users, vocab_size, ...; the bag size K is read from the data)."""
   check_variant(config.loss.variant)
-  return CDL(num_users=num_users, vocab_size=vocab_size, embed_dim=config.embed_dim,
+  return CDL(num_users=sizes["num_users"], vocab_size=sizes["vocab_size"],
+             embed_dim=config.embed_dim,
              image_width=config.image_width, user_hidden=tuple(config.user_hidden),
              dropout=config.dropout, image_input=config.image_input,
              dtype=jnp.dtype(config.dtype), axis_name=axis_name)

@@ -153,12 +153,16 @@ class DSempre(nn.Module):
     return self._head(self.user_bn(self.user_proj(h), None, train), train)
 
   def _posts(self, posts: Mapping[str, jnp.ndarray], train: bool) -> jnp.ndarray:
-    """Post fields [n, ...] -> [n, D]; a missing branch is zeros."""
+    """Post fields [n, ...] -> [n, D]; a missing branch is zeros, and so is
+    the image branch of data without images (image_features [n, 0])."""
     if self.image_input == "pixels":
       image = self.convnet(posts["image"])
     else:
       image = posts["image_features"].astype(self.dtype)
-    image = self.image_bn(self.image_proj(image), posts["image_mask"], train)
+    if image.shape[-1]:
+      image = self.image_bn(self.image_proj(image), posts["image_mask"], train)
+    else:
+      image = jnp.zeros(image.shape[:-1] + (self.branch_dim,), self.dtype)
     mask = posts["text_mask"]
     w = mask[..., None].astype(self.dtype)
     words = jnp.sum(self.word_embed(posts["tokens"]) * w, axis=1)
@@ -193,17 +197,19 @@ class DSempre(nn.Module):
 def per_example_loss(out: Mapping, batch: Mapping, config: ml_collections.ConfigDict):
   """Eq. 4 per triplet: (loss [b], {"cross", "semantic"}: [b] each).
 
-  out: DSempre.__call__'s embeddings; config: the model config (margin,
-  semantic_weight). `batch` is not needed: every triplet counts.
+  out: DSempre.__call__'s embeddings; config: the job's config (reads
+  config.model.margin and .semantic_weight). `batch` is not needed: every
+  triplet counts.
   """
   del batch
-  cross = triplet_hinge(out["user"], out["pos"], out["neg"], config.margin)
-  semantic = triplet_hinge(out["sem_anchor"], out["sem_pos"], out["sem_neg"], config.margin)
-  return cross + config.semantic_weight * semantic, {"cross": cross, "semantic": semantic}
+  margin = config.model.margin
+  cross = triplet_hinge(out["user"], out["pos"], out["neg"], margin)
+  semantic = triplet_hinge(out["sem_anchor"], out["sem_pos"], out["sem_neg"], margin)
+  return cross + config.model.semantic_weight * semantic, {"cross": cross, "semantic": semantic}
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """D-Sempre's model and loss hyper-parameters."""
+  """D-Sempre's model and loss hyper-parameters (config.model)."""
   config = ml_collections.ConfigDict()
   config.embed_dim = 256
   config.user_hidden = 512                        # user branch: K -> 512 -> D
@@ -216,15 +222,18 @@ def default_model_config() -> ml_collections.ConfigDict:
   config.bn_momentum = 0.9
   config.semantic_weight = 0.3                    # lambda of Eq. 4
   config.margin = 1.0                             # on the plain Euclidean distance
+  config.semantic_triplets = True                 # the pipeline adds sem_* triplets
   config.dtype = "float32"
   return config
 
 
-def build(config: ml_collections.ConfigDict, num_users: int, vocab_size: int,
+def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
           axis_name: str | None = None) -> DSempre:
-  """The D-Sempre module of a model config."""
+  """D-Sempre from `config.model`-style settings, sized for a dataset (sizes:
+  num_users, vocab_size, ...)."""
   return DSempre(
-      num_users=num_users, vocab_size=vocab_size, embed_dim=config.embed_dim,
+      num_users=sizes["num_users"], vocab_size=sizes["vocab_size"],
+      embed_dim=config.embed_dim,
       user_hidden=config.user_hidden, word_dim=config.word_dim,
       branch_dim=config.branch_dim, conv_channels=tuple(config.conv_channels),
       pool_after=tuple(config.pool_after), image_input=config.image_input,

@@ -112,6 +112,10 @@ class LSTMTextEncoder(nn.Module):
     lengths = mask.sum(axis=-1)
     x = nn.Embed(self.vocab_size, self.word_dim, dtype=self.dtype, name="word_embed")(tokens)
     cell = nn.OptimizedLSTMCell(self.hidden_dim, dtype=self.dtype, name="lstm")
-    (_, h), _ = nn.RNN(cell)(x, seq_lengths=lengths, return_carry=True)
+    # The zero initial state is derived from x, so inside shard_map it varies
+    # over the devices like x does (a scan's carry must keep its type).
+    zeros = jnp.zeros_like(x[:, 0, :1], jnp.float32) * jnp.zeros([self.hidden_dim])
+    (_, h), _ = nn.RNN(cell)(x, initial_carry=(zeros, zeros), seq_lengths=lengths,
+                             return_carry=True)
     h = jnp.where(lengths[:, None] > 0, h.astype(jnp.float32), 0.0)
     return h.reshape(lead + (self.hidden_dim,))

@@ -78,9 +78,10 @@ def cross_validated_f1(features: np.ndarray, member: np.ndarray, folds: int = 5,
   """[L] F1 of each label's cross-validated linear SVM on features [N, F].
 
   member [N, L]: every label needs at least `folds` positives and negatives.
+  `seed` fixes the folds and liblinear's shuffling.
   """
   cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-  svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0))
+  svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, random_state=seed))
   return np.array([f1_score(y, cross_val_predict(svm, features, y, cv=cv), zero_division=0)
                    for y in member.T])
 

@@ -122,7 +122,7 @@ class Retrieval:
     return evaluation.selection_metric(results, weights)
 
   def format(self, results: Mapping) -> str:
-    return ("(ranks are exact; random = median rank of a random ranking)\n"
+    return ("ranks are exact; random = the median rank of a random ranking\n"
             + evaluation.format_table(results))
 
   def scalars(self, results: Mapping) -> dict:
@@ -149,10 +149,9 @@ class Recommendation:
     if ic.semantic_clusters:
       self.clusters = self._clusters(metadata, workdir)
       self.bags = interactions.user_bags(self.data, self.clusters, ic.semantic_clusters)
-    self.model = self.family.build(
-        config.model, num_users=metadata["num_users"], vocab_size=metadata["vocab_size"],
-        num_clusters=ic.semantic_clusters, feature_dim=metadata["feature_dim"],
-        axis_name=mesh_lib.AXIS)
+    sizes = {"num_users": metadata["num_users"], "vocab_size": metadata["vocab_size"],
+             "feature_dim": metadata["feature_dim"], "num_clusters": ic.semantic_clusters}
+    self.model = self.family.build(config.model, sizes, axis_name=mesh_lib.AXIS)
 
   def _clusters(self, metadata, workdir: str) -> np.ndarray:
     """Semantic clusters of the posts, computed once per workdir (process 0)."""
@@ -193,7 +192,7 @@ class Recommendation:
     mutable = [k for k in variables if k != "params"]
     out, updates = self.model.apply(variables, batch, train=True, rngs={"dropout": rng},
                                     mutable=mutable)
-    per, terms = self.family.per_example_loss(out, batch, self.config.loss)
+    per, terms = self.family.per_example_loss(out, batch, self.config)
     n_dev = jax.lax.psum(1, mesh_lib.AXIS)
     count = per.shape[0] * n_dev
     loss = per.sum() / count

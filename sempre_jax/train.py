@@ -294,7 +294,7 @@ def report_eval(task, variables, split: str, mesh: Mesh, path: str) -> dict:
   """Evaluates `variables` on `split`; process 0 prints the table and writes `path`."""
   results = task.evaluator(split, mesh).run(variables)
   if jax.process_index() == 0:
-    print(f"\nResults on the {split} split {task.format(results)}", flush=True)
+    print(f"\nResults on the {split} split:\n{task.format(results)}", flush=True)
     evaluation.write_results(results, path)
   return results
 
@@ -306,6 +306,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                             "launch/train.py")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def read_state(path: str) -> dict:
+  """A saved train state as host arrays, whatever devices wrote it (each array
+  is read onto this process's first device)."""
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata.tree)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, abstract))
 
 
 def restore_variables(workdir: str, checkpoint: str = "best"):
@@ -328,7 +339,7 @@ def restore_variables(workdir: str, checkpoint: str = "best"):
   if not steps or (checkpoint.isdigit() and int(checkpoint) not in steps):
     raise ValueError(f"no checkpoint {checkpoint!r} in {directory} (has {steps})")
   step = int(checkpoint) if checkpoint.isdigit() else steps[-1]
-  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  state = read_state(os.path.join(directory, str(step), "state"))
   task = tasks.build(config, data_dir, metadata, workdir)
   return config, task, {"params": state["params"], **(state.get("model_state") or {})}, step
 

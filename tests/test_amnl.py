@@ -355,7 +355,7 @@ def test_training_lowers_the_loss():
 def test_build_from_default_config():
   cfg = amnl.default_model_config()
   assert cfg.modalities == "both" and cfg.margin > 0
-  model = amnl.build(cfg, num_users=USERS, vocab_size=VOCAB, axis_name="data")
+  model = amnl.build(cfg, {"num_users": USERS, "vocab_size": VOCAB}, axis_name="data")
   assert (model.embed_dim, model.lstm_dim, model.word_dim) == \
       (cfg.embed_dim, cfg.lstm_dim, cfg.word_dim)
   assert model.num_users == USERS and model.vocab_size == VOCAB

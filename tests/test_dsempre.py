@@ -42,7 +42,9 @@ def unit(x):
 
 
 def loss_config(margin=1.0, semantic_weight=0.3):
-  return ml_collections.ConfigDict({"margin": margin, "semantic_weight": semantic_weight})
+  """A job config as per_example_loss reads it (config.model)."""
+  return ml_collections.ConfigDict(
+      {"model": {"margin": margin, "semantic_weight": semantic_weight}})
 
 
 def make_posts(rng, n):
@@ -75,7 +77,7 @@ def tiny_model(**kw):
   config = dsempre.default_model_config()
   config.update({"embed_dim": 8, "user_hidden": 16, "word_dim": 8, "branch_dim": 8,
                  "conv_channels": (4, 4, 4, 4, 4), **kw})
-  return dsempre.build(config, num_users=10, vocab_size=VOCAB)
+  return dsempre.build(config, {"num_users": 10, "vocab_size": VOCAB})
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -159,6 +161,17 @@ def test_score_is_negative_euclidean_distance():
   near, far = score(u[:1], unit(u[:1] + 0.1)), score(u[:1], -u[:1])
   assert float(near[0]) > float(far[0])
   np.testing.assert_allclose(far, [-2.0], rtol=1e-6)
+
+
+def test_default_config_is_the_papers():
+  """Dropout 0.5, lambda 0.3, margin 1, a 5-layer ConvNet, D = 256; build sizes
+  the module from the dataset and the config."""
+  config = dsempre.default_model_config()
+  assert (config.dropout, config.semantic_weight, config.margin) == (0.5, 0.3, 1.0)
+  assert len(config.conv_channels) == 5 and config.semantic_triplets
+  model = dsempre.build(config, {"num_users": 3, "vocab_size": 11, "feature_dim": 0},
+                        axis_name="data")
+  assert (model.embed_dim, model.vocab_size, model.axis_name) == (256, 11, "data")
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -301,6 +314,24 @@ def test_shapes_and_train_eval_consistency(image_input, dtype):
   np.testing.assert_allclose(s, -dsempre.distance(out["user"], out["pos"]), atol=1e-5)
 
 
+def test_data_without_images():
+  """image_features [n, 0] (a text-only corpus): no image parameters, and the
+  posts embed by their text."""
+  rng = np.random.default_rng(10)
+  batch = make_batch(rng, 6)
+  for role in dsempre.POST_ROLES:
+    batch[role].update(image_features=np.zeros((6, 0), np.float32),
+                       image_mask=np.zeros(6, bool))
+  model = tiny_model(image_input="features")
+  variables = init(model, batch)
+  assert "image_proj" not in variables["params"] and "image_bn" not in variables["params"]
+  out, _ = train_apply(model, variables, batch)
+  assert all(np.isfinite(x).all() for x in out.values())
+  posts = run(model, "embed_posts", variables, batch["pos"])
+  other = dict(batch["pos"], tokens=(batch["pos"]["tokens"] + 1) % VOCAB)
+  assert not np.allclose(run(model, "embed_posts", variables, other), posts, atol=1e-3)
+
+
 def test_loss_gradient_finite_at_zero_distance():
   """d(a, s) = 0 (a post and its copy) still gives a finite gradient."""
   rng = np.random.default_rng(8)
@@ -320,7 +351,7 @@ def test_training_lowers_the_loss():
   batch = jax.tree.map(jnp.asarray, make_batch(rng, 6))
   model = tiny_model()
   variables = init(tiny_model(), batch)
-  config = dsempre.default_model_config()
+  config = loss_config()
   tx = optax.chain(optax.add_decayed_weights(1e-5), optax.sgd(0.01, momentum=0.9))
 
   def loss(params, stats):

@@ -200,11 +200,16 @@ def test_text_only_corpus_trains_and_evaluates(tmp_path, capsys):
   out = str(tmp_path / "data")
   report = prepare.prepare(str(tmp_path / "posts.jsonl"), out, prepare.Options(
       text_fields=("subject", "text"), word2vec_dim=8, workers=1), log=lambda *a: None)
-  assert report["num_images"] == 0 and any("no images" in n for n in report["notes"])
+  assert report["num_images"] == 0 and report["feature_dim"] == 0
+  assert [n for n in report["notes"] if "no images" in n and "image_input=features" in n]
   train_users = {int(p["user"]) for p in _read_split(out, "train")}
   test_posts = _read_split(out, "test")
   assert test_posts and {int(p["user"]) for p in test_posts} <= train_users
-  _, results = train.train_and_evaluate(_tiny_config(out, 8, num_epochs=1), str(tmp_path / "r"))
+  # image_input="features" with feature_dim 0: an image tower without parameters.
+  config = _tiny_config(out, 8, num_epochs=1)
+  config.model.image_input = "features"
+  state, results = train.train_and_evaluate(config, str(tmp_path / "r"))
+  assert "image" not in state.params and int(state.step) > 0
   table = capsys.readouterr().out
   assert "image->text" in table and "(no queries in this split)" in table
   counts = np.bincount([int(p["user"]) for p in _read_split(out, "train")])

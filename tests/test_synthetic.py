@@ -110,3 +110,17 @@ def test_oracle_ranks_texts_and_images_per_user(corpus):
   random = np.median((500 + 1) / (gts.counts() + 1))
   assert np.median(posterior) < 0.2 * random
   assert np.mean(posterior) < np.mean(joint)
+
+
+def test_written_interests_are_the_planted_topics(tmp_path, corpus):
+  synthetic.write_corpus(SPEC, str(tmp_path), {"test": 0.2})
+  lines = records.read_lines(str(tmp_path), records.INTERESTS_FILE)
+  theta = corpus["oracle"].theta
+  assert len(lines) == SPEC.num_users
+  for u, line in enumerate(lines):
+    topics = [int(name.removeprefix("topic")) for name in line.split("\t")]
+    assert topics == list(np.flatnonzero(theta[u] > 0))
+    assert SPEC.topics_min <= len(topics) <= SPEC.topics_max
+  # Every post's topic is one of its author's interests.
+  for u, z in zip(corpus["authors"], corpus["topics"]):
+    assert synthetic.topic_name(z) in lines[u].split("\t")

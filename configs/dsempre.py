@@ -1,0 +1,31 @@
+"""D-Sempre: deep semantic-preserving embeddings of users and posts for recommendation.
+
+  python launch/train.py --config=configs/dsempre.py --workdir=runs/dsempre
+
+Users as bags of semantic clusters (k-means over mean Word2Vec vectors of the
+post texts, 2,000 clusters), posts through a 5-layer ConvNet on pixels and a
+text branch; Euclidean distances; the cross-instance triplet hinge (user,
+acted post, a non-acted post published near the action: +-60 min, closer ones
+likelier) plus 0.3 x the within-instance semantic-preserving hinge; SGD with
+momentum 0.9, learning rate 0.01, weight decay 1e-5. Each user's most recent
+actions are the test set; P@K and R@K per user over every post.
+"""
+
+from configs import recommendation
+from sempre_jax import dsempre
+
+
+def get_config():
+  config = recommendation.get_config()
+  config.data.interactions.update(negatives="time_window", window_minutes=60.0,
+                                  semantic_clusters=2000)
+  config.model = dsempre.default_model_config()
+  config.model.update(name="dsempre", image_input="pixels", word_dim=64, embed_dim=128,
+                      user_hidden=256, branch_dim=256, conv_channels=(16, 32, 64, 64, 128))
+  config.optimizer = "sgd"
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  config.weight_decay = 1e-5
+  config.num_epochs = 10
+  config.eval.update(protocol="all", at=(1, 5, 10, 20), select="R@10")
+  return config
