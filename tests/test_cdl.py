@@ -77,11 +77,11 @@ def make_batch(rng, b=B, size=SIZE, missing=True):
 
 
 @functools.cache
-def tiny(image_input="pixels"):
+def tiny(image_input="pixels", dtype="float32"):
   """(model, init(seed, batch) -> params, apply(params, batch, key | None) -> out),
   jitted once for every test (the loss variant does not change the module); init
   draws from an "rbg" key, whose sampler compiles faster than threefry's."""
-  model = build(config(image_input=image_input))
+  model = build(config(image_input=image_input, dtype=dtype))
   init = jax.jit(lambda seed, batch: model.init(
       {"params": jax.random.key(seed, impl="rbg")}, batch, train=False)["params"])
   evaluate = jax.jit(lambda p, batch: model.apply({"params": p}, batch, train=False))
@@ -175,12 +175,14 @@ def test_dropout_only_in_train():
   np.testing.assert_allclose(distance(0.0, jax.random.key(4)), ev["d_pos"][:2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("image_input", ["pixels", "features"])
-def test_shapes_and_eval_consistency(image_input):
-  """embed_users / embed_posts / score: shapes, float32, and score = -D of __call__."""
+@pytest.mark.parametrize("image_input,dtype", [("pixels", "float32"), ("features", "bfloat16")])
+def test_shapes_and_eval_consistency(image_input, dtype):
+  """embed_users / embed_posts / score: shapes, float32 (parameters too, whatever
+  the compute dtype), and score = -D of __call__."""
   batch = make_batch(np.random.default_rng(3))
-  model, init, apply = tiny(image_input)
+  model, init, apply = tiny(image_input, dtype)
   params = init(0, batch)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   out = apply(params, batch)
   for name in ("user", "pos", "neg"):
     assert out[name].shape == (B, DIM) and out[name].dtype == jnp.float32
