@@ -1,4 +1,5 @@
-"""DU2MCE sized for the 20 Newsgroups posts on a 2-core CPU (text only).
+"""DU2MCE for the 20 Newsgroups posts on a 2-core CPU (text only), with the
+tweets config's sizing (D = 256, batch 200, 6 epochs).
 
   python launch/prepare_data.py --posts=../shared/data/newsgroups20/posts.jsonl \\
       --out=runs/newsgroups_data --text_fields=subject,text --interest_field=group
@@ -6,24 +7,18 @@
       --config.data.dir=runs/newsgroups_data --workdir=runs/newsgroups
   python launch/interests.py --workdir=runs/newsgroups
 
-No images: the text-user pair only (the "tu" variant); image_input stays
+No images: the text-user pair only (the "tu" variant); image_input is
 "features" with feature_dim 0 (an image tower without parameters, no pixel
 CNN). Word and user tables start from the data's 300-d Word2Vec; validation
 every epoch keeps the best checkpoint.
 """
 
-from configs import du2mce
+from configs import du2mce, du2mce_tweets
 
 
 def get_config():
-  config = du2mce.get_config("tu")
-  config.model.embed_dim = 256
-  config.model.text_filters = (128, 128, 128)
-  config.batch_size = 200
-  config.num_epochs = 6
-  config.learning_rate = 1e-3
-  config.log_every_steps = 24
-  config.checkpoint_every_steps = 500
-  config.eval.batch_size = 500
+  config = du2mce_tweets.get_config()
+  config.update_from_flattened_dict(du2mce.VARIANTS["tu"])
+  config.model.image_input = "features"
   config.eval.every_steps = 48
   return config

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
       "test": 0.2,               # each user's most recent actions (< 1: a fraction, else a count)
       "validation": 0.1,         # the ones just before (0: no validation, no best checkpoint)
       "images_only": False,      # only actions on posts with an image (CDL)
+      "order_by": "time",        # held-out actions: the most recent ones, or "random"
       "negatives": "random",     # time_window | random | followee
       "window_minutes": 60.0,    # time_window: negatives published within +- this
       "semantic_clusters": 0,    # k-means clusters of post texts (0: none)

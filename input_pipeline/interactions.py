@@ -5,8 +5,9 @@ The family models (D-Sempre, CDL, AMNL) learn from actions: user u acted on
 (follows [E, 2], actions [A, 3] = (user, post row, unix time), post_ids [N];
 the embedded corpus writes one). This module turns a dataset into
   - the post table: the content of every post of every split, row = post row;
-  - per-user time splits of the actions: each user's most recent actions are
-    held out (test), the ones just before them validate, the rest train;
+  - per-user splits of the actions: each user's most recent actions are held
+    out (test), the ones just before them validate, the rest train (or the
+    same counts in a random order: CDL's held-out preferred images);
   - semantic clusters of posts (k-means over the mean Word2Vec vector of a
     post's text) and each user's bag-of-clusters vector (D-Sempre, CDL);
   - an epoch-seeded, resumable iterator of training triplets (user, acted
@@ -78,17 +79,23 @@ def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
 # ------------------------------------------------------------------ splits --
 
 def split_actions(data: Interactions, test: float, validation: float,
-                  images_only: bool = False) -> dict[str, np.ndarray]:
-  """Per-user time split: {split: indices into data.actions}.
+                  images_only: bool = False, order_by: str = "time",
+                  seed: int = 0) -> dict[str, np.ndarray]:
+  """Per-user split: {split: indices into data.actions}.
 
   test, validation: a fraction of each user's actions (< 1) or a count (>= 1),
-  taken from the most recent ones (test last). images_only: only actions on
-  posts with an image count (CDL's preferred images).
+  taken from the most recent ones (test last), or, with order_by="random",
+  from a seeded random order of each user's actions. images_only: only
+  actions on posts with an image count (CDL's preferred images).
   """
+  if order_by not in ("time", "random"):
+    raise ValueError(f"order_by must be time or random, got {order_by!r}")
   keep = np.flatnonzero(data.posts["image_mask"][data.actions[:, 1]]) if images_only \
       else np.arange(len(data.actions))
-  user, time = data.actions[keep, 0], data.actions[keep, 2]
-  order = keep[np.lexsort((time, user))]                    # by user, then time
+  user = data.actions[keep, 0]
+  key = data.actions[keep, 2] if order_by == "time" else \
+      np.random.default_rng(seed).permutation(len(keep))
+  order = keep[np.lexsort((key, user))]                     # by user, then time
   user = data.actions[order, 0]
   n = np.bincount(user, minlength=data.num_users)
   first = np.r_[0, np.cumsum(n)][user]

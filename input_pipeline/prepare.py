@@ -21,6 +21,10 @@ others stay in training); held-out posts whose author then has no training
 post are dropped (both counted), so every user of validation and test exists
 in train. `held_out_authors="any"` lifts that rule (corpora where almost every
 author posts once); the report then counts held-out posts of unseen authors.
+
+Interests: with `interest_field`, a user's interest labels are the values of
+that field over all their kept posts (every split), one line per user index
+in `interests.txt` (for sempre_jax.interests).
 """
 
 import collections
@@ -621,6 +625,6 @@ def summary(report: dict) -> str:
       f"{d['near_duplicate_pairs']} near-duplicate text pairs",
       f"  splits: {report['splits']}",
       *([f"  interests ({i['field']}): {i['labels']} labels, {i['users_with_interests']} "
-         f"of {report['users']} users have one"] if (i := report["interests"]) else []),
+         f"of {report['users']} users have one"] if (i := report.get("interests")) else []),
       f"  problems: {problems}",
       *[f"  note: {n}" for n in report["notes"]]])

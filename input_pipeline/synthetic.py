@@ -282,10 +282,9 @@ def write_corpus(spec: CorpusSpec, directory: str, split_fractions: Mapping[str,
   records.write_lines(directory, records.VOCAB_FILE, corpus["vocab"])
   records.write_lines(directory, records.USERS_FILE,
                       (f"user{u:05d}" for u in range(spec.num_users)))
-  theta = corpus["oracle"].theta
   records.write_lines(directory, records.INTERESTS_FILE,    # the planted interests
                       ("\t".join(topic_name(z) for z in np.flatnonzero(row > 0))
-                       for row in theta))
+                       for row in corpus["oracle"].theta))
   corpus["oracle"].save(os.path.join(directory, ORACLE_FILE))
   actions = corpus["actions"].copy()
   actions[:, 2] += _EPOCH_START

@@ -10,27 +10,18 @@ embedded corpus has one; launch/prepare_data.py --interest_field=FIELD).
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from sempre_jax import interests
+from sempre_jax import cli, interests
 
-flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
-flags.DEFINE_string("checkpoint", "best", "'best' (on validation), 'latest' or a step number.")
+cli.define_checkpoint_flags()
 flags.DEFINE_integer("folds", 5, "Cross-validation folds (stratified, shuffled, seed 0).")
-flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    results = interests.evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.folds)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+def main():
+  results = interests.evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.folds)
   step = results["step"]
   print(f"User interests from the checkpoint at step {step} of {FLAGS.workdir}: "
         f"linear SVM (C=1) per interest, {FLAGS.folds}-fold cross-validated F1")
@@ -39,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from input_pipeline import loader, records, word2vec
-from sempre_jax import evaluation, mesh as mesh_lib, train
+from sempre_jax import space
 
 CHANCE = "chance"
 
@@ -81,7 +81,7 @@ def cross_validated_f1(features: np.ndarray, member: np.ndarray, folds: int = 5,
   `seed` fixes the folds and liblinear's shuffling.
   """
   cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-  svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, random_state=seed))
+  svm = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=10_000, random_state=seed))
   return np.array([f1_score(y, cross_val_predict(svm, features, y, cv=cv), zero_division=0)
                    for y in member.T])
 
@@ -156,29 +156,22 @@ def baseline_features(data_dir: str, metadata: Mapping, word2vec_dim: int = 300,
   return counts, features, notes
 
 
-def user_embeddings(model, params, num_users: int, batch_size: int) -> np.ndarray:
-  """The user tower on every user index: [U, D] (this process's devices)."""
-  embed = evaluation.Embedder(model, params, batch_size, mesh_lib.make_mesh(local=True))
-  return np.asarray(embed("user", np.arange(num_users, dtype=np.int32)))
-
-
 # --------------------------------------------------------------------- job --
 
 def evaluate_workdir(workdir: str, checkpoint: str = "best", folds: int = 5,
                      seed: int = 0) -> dict:
   """Interest F1 of a checkpoint's user embeddings beside the averaged
   baselines, on the users with a training post; writes interests_stepN.json."""
-  config, model, data_dir, metadata, params, step = train.restore_checkpoint(
-      workdir, checkpoint)
-  labels, member = read_interests(data_dir, metadata["num_users"])
-  counts, baselines, notes = baseline_features(data_dir, metadata, seed=seed)
-  features = {"model": user_embeddings(model, params, metadata["num_users"],
-                                       config.eval.batch_size), **baselines}
+  embeddings = space.Space.restore(workdir, checkpoint)
+  data_dir, num_users = embeddings.data_dir, embeddings.metadata["num_users"]
+  labels, member = read_interests(data_dir, num_users)
+  counts, baselines, notes = baseline_features(data_dir, embeddings.metadata, seed=seed)
+  features = {"model": embeddings.users(np.arange(num_users)), **baselines}
   users = np.flatnonzero(counts > 0)
   results = interest_f1({k: v[users] for k, v in features.items()}, labels,
                         member[users], folds, seed)
-  results.update(workdir=os.path.abspath(workdir), step=step, notes=notes)
-  with open(os.path.join(workdir, f"interests_step{step}.json"), "w") as f:
+  results.update(workdir=os.path.abspath(workdir), step=embeddings.step, notes=notes)
+  with open(os.path.join(workdir, f"interests_step{embeddings.step}.json"), "w") as f:
     json.dump(results, f, indent=1)
   return results
 

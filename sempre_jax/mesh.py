@@ -47,8 +47,9 @@ def put_global(mesh: Mesh, tree, spec: P = P()):
 
 
 def to_host(tree):
-  """Replicated global arrays -> NumPy (this process's copy)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  """Replicated global arrays (or host arrays) -> NumPy (this process's copy)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array)
+                                           else x), tree)
 
 
 def round_up(n: int, multiple: int) -> int:

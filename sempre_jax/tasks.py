@@ -143,7 +143,8 @@ class Recommendation:
     self.image_key = models.image_key(config.model.image_input)
     self.data = interactions.load(data_dir, metadata, self.image_key)
     ic = config.data.interactions
-    self.splits = interactions.split_actions(self.data, ic.test, ic.validation, ic.images_only)
+    self.splits = interactions.split_actions(self.data, ic.test, ic.validation,
+                                             ic.images_only, ic.order_by, config.seed)
     self.num_train = len(self.splits["train"])
     self.clusters = self.bags = None
     if ic.semantic_clusters:

@@ -5,8 +5,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import optax
 import pytest
 
@@ -59,6 +59,7 @@ def config(variant="cdl", **model):
 
 
 def build(c):
+  """The CDL module of a job config."""
   return cdl.build(c.model, SIZES)
 
 

@@ -1,0 +1,38 @@
+"""CDL: comparative deep learning of which images a user prefers.
+
+  python launch/train.py --config=configs/cdl.py --workdir=runs/cdl
+  python launch/train.py --config=configs/cdl.py:twonets --workdir=runs/cdl_twonets
+
+Triplets (user, preferred image, another image); an AlexNet-shaped image net
+(narrowed by model.image_width for a CPU) and a user net over the user's bag
+of semantic clusters into one 1024-d space; a learned weighted L2 distance
+(squared differences, dropout 0.5, Dense to a scalar); the cross-entropy on
+sigmoid(D- - D+) (variants: hinge, and the pairwise TwoNets baseline). For
+each user 20 preferred images, chosen at random, are held out and ranked among
+80 other images (the paper's 20 + 80): P@K and R@K per user.
+"""
+
+from configs import recommendation
+from sempre_jax import cdl
+
+VARIANTS = ("cdl", "hinge", "twonets")
+
+
+def get_config(variant: str = "cdl"):
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown CDL variant {variant!r}; one of {VARIANTS}")
+  config = recommendation.get_config()
+  config.data.embedded.update(actions_per_user=100, image_fraction=0.5)
+  config.data.interactions.update(test=20, validation=5, images_only=True, order_by="random",
+                                  negatives="random", semantic_clusters=200)
+  config.model = cdl.default_model_config()
+  config.model.update(name="cdl", image_input="pixels", image_width=0.125, embed_dim=256,
+                      user_hidden=(256,))
+  config.model.loss.variant = variant
+  config.optimizer = "sgd"
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.eval.update(protocol="sampled", negatives_per_positive=4, at=(1, 5, 10, 20),
+                     select="R@10")
+  return config
