@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax import models
+from sempre_jax import encoders, models
 
 VARIANTS = ("cdl", "hinge", "twonets")
 # AlexNet's convolutions (features, kernel, stride) and which are followed by a
@@ -135,9 +135,7 @@ class CDL(nn.Module):
   axis_name: str | None = None
 
   def setup(self):
-    if self.image_input not in ("pixels", "features"):
-      raise ValueError(f"model.image_input must be 'pixels' or 'features', "
-                       f"got {self.image_input!r}")
+    encoders.check_image_input(self.image_input)
     self.image = ImageSubnet(self.embed_dim, self.image_width, self.image_input, self.dtype)
     self.user = UserSubnet(self.embed_dim, tuple(self.user_hidden), self.dtype)
     self.distance = WeightedSquaredDistance(self.dropout)

@@ -20,15 +20,14 @@ text_mask) is a zero vector, and its BatchNorm statistics are taken over the
 posts that have it, summed across devices over `axis_name`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax import models
-from sempre_jax.encoders import l2_normalize
+from sempre_jax import encoders, models
 
 POST_ROLES = ("pos", "neg", "sem_anchor", "sem_pos", "sem_neg")
 
@@ -85,24 +84,6 @@ class MaskedBatchNorm(nn.Module):
     return jnp.where(valid[:, None], y, 0.0).astype(self.dtype)
 
 
-class ConvNet(nn.Module):
-  """Pixels uint8 [n, H, W, 3] -> conv 3x3 + ReLU per entry of `channels`, a
-  2x2 max-pool after the layers listed in `pool_after`, global mean pool:
-  [n, channels[-1]]."""
-  channels: Sequence[int]
-  pool_after: Sequence[int]
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
-    x = pixels.astype(self.dtype) / 127.5 - 1.0
-    for i, c in enumerate(self.channels):
-      x = nn.relu(nn.Conv(c, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
-      if i in self.pool_after:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-    return jnp.mean(x, axis=(1, 2))
-
-
 class DSempre(nn.Module):
   """User and post branches into one Euclidean space.
 
@@ -128,15 +109,13 @@ class DSempre(nn.Module):
   axis_name: str | None = None
 
   def setup(self):
-    if self.image_input not in ("pixels", "features"):
-      raise ValueError(f"model.image_input must be 'features' or 'pixels', "
-                       f"got {self.image_input!r}")
+    encoders.check_image_input(self.image_input)
     dense = lambda n: nn.Dense(n, dtype=self.dtype)
     bn = lambda: MaskedBatchNorm(self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
     self.user_hidden_proj, self.user_proj, self.user_bn = (
         dense(self.user_hidden), dense(self.embed_dim), bn())
     if self.image_input == "pixels":
-      self.convnet = ConvNet(self.conv_channels, self.pool_after, self.dtype)
+      self.convnet = encoders.ConvNet(self.conv_channels, self.pool_after, self.dtype)
     self.image_proj, self.image_bn = dense(self.branch_dim), bn()
     self.word_embed = nn.Embed(self.vocab_size, self.word_dim, dtype=self.dtype)
     self.text_proj, self.text_bn = dense(self.branch_dim), bn()
@@ -145,7 +124,7 @@ class DSempre(nn.Module):
 
   def _head(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     """Dropout (train mode only), then L2 normalisation: [n, D] unit rows."""
-    return l2_normalize(self.drop(x, deterministic=not train))
+    return encoders.l2_normalize(self.drop(x, deterministic=not train))
 
   def _users(self, bag: jnp.ndarray, train: bool) -> jnp.ndarray:
     """Bag of clusters [n, K] -> [n, D]."""

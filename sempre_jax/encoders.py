@@ -31,10 +31,22 @@ class FeatureImageEncoder(nn.Module):
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(features))
 
 
-class PixelImageEncoder(nn.Module):
-  """A small CNN for RGB pixels uint8 [B, H, W, 3] -> [B, D]."""
-  embed_dim: int
-  channels: Sequence[int] = (32, 64, 128)
+IMAGE_INPUTS = ("features", "pixels")
+
+
+def check_image_input(image_input: str) -> str:
+  """model.image_input, validated: "features" (frozen-CNN vectors) or "pixels"."""
+  if image_input not in IMAGE_INPUTS:
+    raise ValueError(f"model.image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
+  return image_input
+
+
+class ConvNet(nn.Module):
+  """Pixels uint8 [B, H, W, 3] -> conv 3x3 + ReLU per entry of `channels`, a
+  2x2 max-pool after the layers listed in `pool_after`, global mean pool:
+  [B, channels[-1]]."""
+  channels: Sequence[int]
+  pool_after: Sequence[int]
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -42,9 +54,22 @@ class PixelImageEncoder(nn.Module):
     x = pixels.astype(self.dtype) / 127.5 - 1.0
     for i, c in enumerate(self.channels):
       x = nn.relu(nn.Conv(c, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
-      if i < len(self.channels) - 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = jnp.mean(x, axis=(1, 2))
+      if i in self.pool_after:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return jnp.mean(x, axis=(1, 2))
+
+
+class PixelImageEncoder(nn.Module):
+  """A small CNN for RGB pixels uint8 [B, H, W, 3] -> Dense -> [B, D] (a
+  max-pool after every conv layer but the last)."""
+  embed_dim: int
+  channels: Sequence[int] = (32, 64, 128)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
+    x = ConvNet(self.channels, tuple(range(len(self.channels) - 1)), self.dtype,
+                name="convnet")(pixels)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(x))
 
 

@@ -35,13 +35,10 @@ class DU2MCE(nn.Module):
     self.text = encoders.KimCNNTextEncoder(
         self.vocab_size, self.embed_dim, self.word_dim, self.text_widths,
         self.text_filters, dtype=self.dtype)
-    if self.image_input == "features":
+    if encoders.check_image_input(self.image_input) == "features":
       self.image = encoders.FeatureImageEncoder(self.embed_dim, dtype=self.dtype)
-    elif self.image_input == "pixels":
-      self.image = encoders.PixelImageEncoder(self.embed_dim, dtype=self.dtype)
     else:
-      raise ValueError(f"model.image_input must be 'features' or 'pixels', "
-                       f"got {self.image_input!r}")
+      self.image = encoders.PixelImageEncoder(self.embed_dim, dtype=self.dtype)
     self.user = encoders.UserEncoder(self.num_users, self.embed_dim, self.user_dim,
                                      dtype=self.dtype)
 

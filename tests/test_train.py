@@ -136,11 +136,11 @@ def test_pixel_encoder_trains_on_encoded_images(tmp_path):
   state = train.create_train_state(model.init(jax.random.key(0), batch),
                                    train.make_optimizer(config, 10))
   step = _train_step(model, config, mesh)
-  before = np.asarray(state.params["image"]["conv0"]["kernel"])
+  before = np.asarray(state.params["image"]["convnet"]["conv0"]["kernel"])
   state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
                         mesh_lib.shard_batch(mesh, batch))
   assert np.isfinite(float(metrics["loss"])) and metrics["it_pairs"] > 0
-  assert np.abs(np.asarray(state.params["image"]["conv0"]["kernel"]) - before).max() > 0
+  assert np.abs(np.asarray(state.params["image"]["convnet"]["conv0"]["kernel"]) - before).max() > 0
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
