@@ -27,8 +27,8 @@ VARIANTS = {
     "tu+iu": {"loss.l1": 0.5, "loss.l2": 0.0},
     "it+iu": {"loss.l1": 0.0, "loss.l2": 0.5},
     "merged": {"model.merge_content": True, "loss.l1": 1.0, "loss.l2": 0.0},
-    "bridging": {"stages": ({"epochs": 10, "l1": 1.0, "l2": 0.0, "frozen": ()},
-                            {"epochs": 10, "l1": 0.0, "l2": 1.0, "frozen": ("text", "user")})},
+    "bridging": {"stages": ({"share": 0.5, "l1": 1.0, "l2": 0.0, "frozen": ()},
+                            {"share": 0.5, "l1": 0.0, "l2": 1.0, "frozen": ("text", "user")})},
     "avg_text": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_text"},
     "avg_image": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_image"},
 }
@@ -75,7 +75,7 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   config.lr_decay = 10.0
   config.lr_decay_epochs = 10
   config.optimizer = "adam"
-  config.stages = ()   # or ({"epochs", "l1", "l2", "frozen": towers}, ...): replaces num_epochs
+  config.stages = ()   # or ({"share" of num_epochs, "l1", "l2", "frozen": towers}, ...)
 
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100

@@ -1,29 +1,21 @@
 """Re-evaluates a checkpoint of a training workdir on its evaluation split.
 
   python launch/evaluate.py --workdir=runs/du2mce [--checkpoint=best|latest|STEP]
+
+Writes WORKDIR/eval_<split>_stepN.json.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags, logging
+from sempre_jax import cli, train
 
-from sempre_jax import train
-
-flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
-flags.DEFINE_string("checkpoint", "best", "'best' (on validation), 'latest' or a step number.")
-flags.mark_flags_as_required(["workdir"])
+cli.define_checkpoint_flags()
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    train.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+def main():
+  train.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

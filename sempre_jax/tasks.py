@@ -95,13 +95,13 @@ class Retrieval:
     return {"params": params}
 
   def stages(self, steps_per_epoch: int) -> list[Stage]:
-    """config.stages ({"epochs", "l1", "l2", "frozen"} each), or one stage."""
+    """config.stages ({"share" of num_epochs, "l1", "l2", "frozen"} each), or one stage."""
     loss = self.config.loss
     specs = self.config.get("stages") or [
-        {"epochs": self.config.num_epochs, "l1": loss.l1, "l2": loss.l2, "frozen": ()}]
+        {"share": 1.0, "l1": loss.l1, "l2": loss.l2, "frozen": ()}]
     out, end = [], 0
     for s in specs:
-      end += int(s["epochs"] * steps_per_epoch)
+      end += int(round(s["share"] * self.config.num_epochs * steps_per_epoch))
       out.append(Stage(end, (s["l1"], s["l2"]), tuple(s.get("frozen", ()))))
     return out
 

@@ -56,3 +56,17 @@ def test_four_devices_match_one_device(tmp_path, name):
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), out[4][1], out[1][1])
+
+
+@pytest.mark.parametrize("name", ["dsempre", "cdl", "amnl"])
+def test_config_trains_end_to_end(tmp_path, name):
+  """launch/train.py's path on a tiny corpus: triplets, validation, best checkpoint,
+  test metrics; the model ranks the held-out actions above random."""
+  config = tiny(name)
+  config.num_epochs = 6
+  config.eval.every_steps = 10 if config.data.interactions.validation else 0
+  state, results = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) > 0 and results["users"] > 10
+  assert results["AUC"] > 0.55, results
+  at = config.eval.at[-1]
+  assert results[f"R@{at}"] > results[f"random_R@{at}"], results
