@@ -141,8 +141,8 @@ class Checkpointer:
 
 
 class BestCheckpoint:
-  """The state with the lowest validation score so far, in workdir/checkpoints_best
-  (one checkpoint, saved with its validation results)."""
+  """The state with the lowest validation score so far (the latest of equal
+  ones), in workdir/checkpoints_best (one checkpoint, with its validation results)."""
 
   def __init__(self, workdir: str):
     self.manager = ocp.CheckpointManager(
@@ -154,8 +154,9 @@ class BestCheckpoint:
         if self.step is not None else float("inf"))
 
   def offer(self, step: int, state, score: float, results: Mapping) -> bool:
-    """Saves `state` when `score` beats the best so far; True when it did."""
-    if not score < self.score or (self.step is not None and step <= self.step):
+    """Saves `state` when `score` is at least as good as the best so far (a
+    tie goes to the later, longer-trained state); True when it did."""
+    if not score <= self.score or (self.step is not None and step <= self.step):
       return False
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),

@@ -100,7 +100,7 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
   # Validation every 20 steps; the best score's state is the one kept and tested.
   log = [json.loads(line) for line in open(tmp_path / train.VALIDATION_LOG)]
   assert [v["step"] for v in log] == [20, 40, 60, 80, 100, 112]
-  best = min(log, key=lambda v: (v["score"], v["step"]))
+  best = min(log, key=lambda v: (v["score"], -v["step"]))     # ties: the later step
   assert os.listdir(tmp_path / train.BEST_DIR) == [str(best["step"])]
   again = subprocess.run([sys.executable, "launch/evaluate.py", f"--workdir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
