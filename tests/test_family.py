@@ -27,6 +27,8 @@ def tiny(name: str):
            "amnl": dict(embed_dim=32, lstm_dim=16, word_dim=16)}[name]
   config.model.update(model)
   config.update(batch_size=64, log_every_steps=1000, checkpoint_every_steps=1000)
+  if name == "amnl":
+    config.learning_rate = 0.01      # a few steps on a tiny corpus
   config.eval.update(batch_size=256, every_steps=0, max_candidates=200)
   return config
 
