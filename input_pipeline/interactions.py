@@ -39,7 +39,7 @@ SPLITS = ("train", "validation", "test")
 @dataclasses.dataclass
 class Interactions:
   """The posts, the follow graph and the actions of a dataset."""
-  posts: dict              # {field: [N, ...]}: POST_FIELDS, image input, user, timestamp
+  posts: dict              # {field: [N, ...]}: POST_FIELDS, image input, user, timestamp, topic
   follows: np.ndarray      # [E, 2] (user, followee)
   actions: np.ndarray      # [A, 3] (user, post row, unix time)
   num_users: int
@@ -60,7 +60,7 @@ def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
     follows, actions, post_ids = g["follows"], g["actions"], g["post_ids"]
   row_of = {pid: i for i, pid in enumerate(post_ids.tolist())}
   image_input = "pixels" if image_key == "image" else "features"
-  keys = POST_FIELDS + (image_key, "user", "timestamp")
+  keys = POST_FIELDS + (image_key, "user", "timestamp", "topic")
   posts, filled = None, np.zeros(len(post_ids), bool)
   for split in metadata["splits"]:
     for batch in loader.eval_batches(data_dir, metadata, split, 4096, image_input):

@@ -41,6 +41,7 @@ from input_pipeline import records, splits
 
 ORACLE_FILE = "oracle.npz"
 GRAPH_FILE = "graph.npz"
+FOLLOW_BOOST = 3.0            # actions favour followed authors this much
 _EPOCH_START = 1_420_070_400  # 2015-01-01 UTC
 
 
@@ -73,7 +74,7 @@ class CorpusSpec:
 
 @dataclasses.dataclass
 class Oracle:
-  """The planted model's true posterior scores for the retrieval tasks.
+  """The planted model's true scores for the retrieval and recommendation tasks.
 
   Each method returns log-scores whose order is the Bayes-optimal ranking of the
   candidates; ranks computed from them are the best achievable. Scores are
@@ -136,6 +137,16 @@ class Oracle:
   def text_image(self, tokens, mask, features) -> np.ndarray:
     """Posterior that image q is text c's image, prop. p(t_c | x_q): [C, Q]."""
     return _round(self._image_text_terms(features, tokens, mask)[0].T)
+
+  @staticmethod
+  def action_weight(theta_uz, followed):
+    """The planted odds that a user acts on a post: (theta_u[z_post] + 0.01)
+    x FOLLOW_BOOST when the user follows its author (the generator's draw)."""
+    return (theta_uz + 0.01) * np.where(followed, FOLLOW_BOOST, 1.0)
+
+  def action_scores(self, users, topics, followed) -> np.ndarray:
+    """log odds that each user acts on each post: users, topics, followed [n] -> [n]."""
+    return _round(np.log(self.action_weight(self.theta[users, topics], followed)))
 
   def save(self, path: str) -> None:
     np.savez(path, **dataclasses.asdict(self))
@@ -238,7 +249,7 @@ def generate(spec: CorpusSpec) -> dict:
   followed[follows[:, 0], follows[:, 1]] = True
   actions = []
   for u in range(U):
-    w = (theta[u, topics] + 0.01) * np.where(followed[u, authors], 3.0, 1.0)
+    w = Oracle.action_weight(theta[u, topics], followed[u, authors])
     w[authors == u] = 0
     k = min(spec.actions_per_user, int((w > 0).sum()))
     for p in rng.choice(n_posts, k, replace=False, p=w / w.sum()):

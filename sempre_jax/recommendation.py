@@ -7,7 +7,9 @@ metrics are averaged over the users that have a positive and a negative:
   P@K = positives in the top K / K,   R@K = positives in the top K / positives,
   AUC = P(a positive outscores a negative), a tie counting 1/2.
 Ties across the top-K cut are broken by a fixed random order of the
-candidates. Random baselines are exact expectations: E[P@K] = positives /
+candidates. On the embedded corpus the planted odds of acting (the oracle:
+(theta_u[z] + 0.01) x 3 if the user follows the author) are ranked the same
+way beside the model: the best achievable on that data. Random baselines are exact expectations: E[P@K] = positives /
 candidates (for K <= candidates), E[R@K] = min(K, C) / C, AUC = 0.5.
 
 Protocols (config.eval.protocol):
@@ -29,7 +31,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from input_pipeline import interactions
+from input_pipeline import interactions, synthetic
 from sempre_jax import mesh as mesh_lib
 
 PROTOCOLS = ("all", "sampled", "followees")
@@ -112,7 +114,8 @@ class RecommendationEvaluator:
 
   def __init__(self, config: ml_collections.ConfigDict, model, data: interactions.Interactions,
                splits: Mapping[str, np.ndarray], split: str, *, image_key: str,
-               bags: np.ndarray | None, images_only: bool):
+               bags: np.ndarray | None, images_only: bool,
+               oracle: synthetic.Oracle | None = None):
     self.config, self.model, self.data, self.image_key = config, model, data, image_key
     self.lists = candidate_lists(
         data, splits, split, config.protocol, max_candidates=config.max_candidates,
@@ -120,6 +123,14 @@ class RecommendationEvaluator:
         seed=config.seed)
     if not len(self.lists["user"]):
       raise ValueError(f"no user has held-out actions and candidates in the {split} split")
+    self.oracle = None
+    if oracle is not None:      # the planted odds of acting, ranked the same way
+      u, p = self.lists["user"], self.lists["post"]
+      follows = set((data.follows[:, 0] * data.num_users + data.follows[:, 1]).tolist())
+      followed = np.array([k in follows for k in (u * data.num_users
+                                                   + data.posts["user"][p]).tolist()])
+      self.oracle = user_metrics(u, oracle.action_scores(u, data.posts["topic"][p], followed),
+                                 self.lists["label"], tuple(config.at), config.seed)
     self.users = {"user": np.arange(data.num_users, dtype=np.int32),
                   "followees": interactions.followee_table(data).astype(np.int32)}
     if bags is not None:
@@ -155,15 +166,20 @@ class RecommendationEvaluator:
     rows = {"ui": self.lists["user"], "pi": np.searchsorted(self.posts, self.lists["post"])}
     scores = self._batched(lambda v, r: self._score(v, users, posts, r["ui"], r["pi"]),
                            variables, rows, len(rows["ui"]), 16 * bs)
-    return user_metrics(self.lists["user"], np.asarray(scores, np.float64),
-                        self.lists["label"], tuple(self.config.at), self.config.seed)
+    results = user_metrics(self.lists["user"], np.asarray(scores, np.float64),
+                           self.lists["label"], tuple(self.config.at), self.config.seed)
+    if self.oracle is not None:
+      results["oracle"] = self.oracle
+    return results
 
 
 def format_table(results: Mapping, at: tuple[int, ...]) -> str:
-  """One line per metric: model beside random."""
+  """One line per metric: model beside random (and the oracle when there is one)."""
+  oracle = results.get("oracle")
   lines = [f"{results['users']} users, {results['candidates_per_user']:.1f} candidates and "
            f"{results['positives_per_user']:.1f} positives per user",
-           f"{'metric':<8} {'model':>7} {'random':>7}"]
+           f"{'metric':<8} {'model':>7} {'random':>7}" + (f" {'oracle':>7}" if oracle else "")]
   for name in [f"P@{k}" for k in at] + [f"R@{k}" for k in at] + ["AUC"]:
-    lines.append(f"{name:<8} {results[name]:>7.3f} {results['random_' + name]:>7.3f}")
+    lines.append(f"{name:<8} {results[name]:>7.3f} {results['random_' + name]:>7.3f}"
+                 + (f" {oracle[name]:>7.3f}" if oracle else ""))
   return "\n".join(lines)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from input_pipeline import interactions, loader, word2vec
+from input_pipeline import interactions, loader, synthetic, word2vec
 from sempre_jax import evaluation, losses, mesh as mesh_lib, models, recommendation
 
 FAMILIES = ("dsempre", "cdl", "amnl")
@@ -138,7 +138,7 @@ class Recommendation:
   unit = "triplets"
 
   def __init__(self, config, data_dir: str, metadata: Mapping, workdir: str):
-    self.config = config
+    self.config, self.data_dir = config, data_dir
     self.family = importlib.import_module(f"sempre_jax.{config.model.name}")
     self.image_key = models.image_key(config.model.image_input)
     self.data = interactions.load(data_dir, metadata, self.image_key)
@@ -209,9 +209,11 @@ class Recommendation:
   def evaluator(self, split: str, mesh):
     del mesh   # the per-user scoring is small: one device per process
     ic = self.config.data.interactions
+    oracle = os.path.join(self.data_dir, synthetic.ORACLE_FILE)
     return recommendation.RecommendationEvaluator(
         _split_config(self.config.eval, split), self.model, self.data, self.splits, split,
-        image_key=self.image_key, bags=self.bags, images_only=ic.images_only)
+        image_key=self.image_key, bags=self.bags, images_only=ic.images_only,
+        oracle=synthetic.Oracle.load(oracle) if os.path.exists(oracle) else None)
 
   def selection_score(self, results: Mapping, stages) -> float:
     del stages

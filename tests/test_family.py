@@ -70,5 +70,6 @@ def test_config_trains_end_to_end(tmp_path, name):
   state, results = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) > 0 and results["users"] > 10
   assert results["AUC"] > 0.55, results
+  assert results["oracle"]["AUC"] > 0.5         # the planted odds, ranked the same way
   at = config.eval.at[-1]
   assert results[f"R@{at}"] > results[f"random_R@{at}"], results
