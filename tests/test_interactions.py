@@ -74,7 +74,8 @@ def test_triplets_resume_and_split_over_processes(data):
   train = interactions.split_actions(data, 0.2, 0.0)["train"]
   clusters = interactions.semantic_clusters(data, meta["vocab_size"], num_clusters=12, dim=16)
   bags = interactions.user_bags(data, clusters, 12)
-  np.testing.assert_allclose(bags.sum(1)[np.unique(data.posts["user"][clusters >= 0])], 1)
+  np.testing.assert_allclose(bags.sum(1)[np.unique(data.posts["user"][clusters >= 0])], 1,
+                             rtol=1e-6)
 
   def make(pi=0, pc=1):
     neg = interactions.Negatives(data, train, "time_window")
