@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -312,12 +313,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def read_state(path: str) -> dict:
   """A saved train state as host arrays, whatever devices wrote it (each array
   is read onto this process's first device)."""
-  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.abspath(path)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata.tree)
-  return jax.tree.map(np.asarray, checkpointer.restore(path, abstract))
+      ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree)
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path, abstract))
 
 
 def restore_variables(workdir: str, checkpoint: str = "best"):
