@@ -8,7 +8,8 @@ shape of the DU2MCE paper's Tables 2 and 4), recommendation models by P@K,
 R@K and AUC, each beside its random baseline. Configs that generate the same
 embedded corpus share one copy of it. A retrieval task whose pair of
 modalities no loss term trained (e.g. image->user with l3 = 0) is zero-shot:
-marked with * and reported against random like the rest.
+marked with * and reported against random like the rest; + marks user tasks
+whose users are the mean embedding of their training posts (Avg-Text/Image).
 """
 
 import dataclasses
@@ -85,9 +86,10 @@ def format_retrieval(runs: Sequence[Run]) -> str:
   lines = [head, "-" * len(head)]
   for run in runs:
     terms, r = _trained_terms(run), run.results
+    averaged = run.config.eval.get("user_vectors", "model") != "model"
     cells = []
     for c in RETRIEVAL_COLUMNS:
-      mark = "" if TASK_TERM[c] in terms else "*"
+      mark = ("+" if averaged and "user" in c else "") or ("" if TASK_TERM[c] in terms else "*")
       cells.append(f"{r[c]['median_rank']:>12.1f}{mark or ' '}" if r[c].get("queries")
                    else f"{'-':>12} ")
     lines.append(f"{run.name:<22}" + "".join(cells)
@@ -99,7 +101,8 @@ def format_retrieval(runs: Sequence[Run]) -> str:
       f"{r[c]['random_median_rank']:>12.1f} " if r[c].get("queries") else f"{'-':>12} "
       for c in RETRIEVAL_COLUMNS) + f"{joint:>8.3f}")
   lines.append("median rank of the ground truth on the test split (lower is better); "
-               "* zero-shot: no loss term trained this pair; joint = sum of median rank / "
+               "* zero-shot: no loss term trained this pair; + users are the mean "
+               "embedding of their training posts; joint = sum of median rank / "
                "candidates over text->user, image->text, image->user")
   return "\n".join(lines)
 

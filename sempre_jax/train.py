@@ -56,13 +56,17 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, **self.model_state}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   stage_starts: tuple[int, ...] = (0,)):
   """config.optimizer: "adam" (default) or "sgd" (with config.momentum), plus
   config.weight_decay (decoupled, 0 by default); the learning rate is divided
-  by `lr_decay` every `lr_decay_epochs`."""
-  schedule = optax.exponential_decay(
+  by `lr_decay` every `lr_decay_epochs`, counted from the start of each
+  training stage (the steps in `stage_starts`)."""
+  decay = optax.exponential_decay(
       config.learning_rate, transition_steps=config.lr_decay_epochs * steps_per_epoch,
       decay_rate=1.0 / config.lr_decay, staircase=True)
+  starts = jnp.asarray(stage_starts)
+  schedule = lambda count: decay(count - jnp.max(jnp.where(starts <= count, starts, 0)))
   name = config.get("optimizer", "adam")
   if name == "adam":
     tx = optax.adam(schedule)
@@ -424,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   total_steps = stages[-1].end_step
 
   data_iter = task.train_iterator(config.batch_size // n_proc, jax.process_index(), n_proc)
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = make_optimizer(config, steps_per_epoch,
+                      tuple([0] + [s.end_step for s in stages[:-1]]))
   fresh_data_state = data_iter.get_state()
   example = jax.tree.map(lambda x: x[:1], next(data_iter))
   state = create_train_state(task.init_variables(jax.random.key(config.seed), example), tx)

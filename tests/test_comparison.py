@@ -68,6 +68,7 @@ def test_compare_lays_out_blocks_and_marks_zero_shot(tmp_path, capsys):
   lines = {l.split()[0]: l for l in table.splitlines() if l.split()}
   assert "*" not in lines["du2mce:tu"].split()[1]            # text->user trained
   assert lines["du2mce:tu"].split()[3].endswith("*")         # image->user zero-shot
+  assert lines["du2mce:avg_text"].split()[1].endswith("+")   # users averaged from texts
   assert len(list(tmp_path.glob("corpus*"))) == 1            # one shared corpus
   tu, avg = runs[0].results, runs[1].results
   # Each beats random on the pair it trained: text->user for tu, image->text for avg_text.
