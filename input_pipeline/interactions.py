@@ -23,6 +23,7 @@ Negatives never are the user's own posts or posts the user acted on in training.
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 
@@ -47,6 +48,16 @@ class Interactions:
   @property
   def num_posts(self) -> int:
     return len(self.posts["user"])
+
+  @functools.cached_property
+  def followees(self) -> np.ndarray:
+    """[U, F] each user's followees, -1 padded."""
+    n = np.bincount(self.follows[:, 0], minlength=self.num_users)
+    out = np.full([self.num_users, max(int(n.max(initial=0)), 1)], -1, np.int64)
+    order = np.argsort(self.follows[:, 0], kind="stable")
+    u = self.follows[order, 0]
+    out[u, np.arange(len(u)) - np.r_[0, np.cumsum(n)][u]] = self.follows[order, 1]
+    return out
 
 
 def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
@@ -137,16 +148,6 @@ def user_bags(data: Interactions, clusters: np.ndarray, num_clusters: int) -> np
   return bags / np.maximum(bags.sum(1, keepdims=True), 1.0)
 
 
-def followee_table(data: Interactions) -> np.ndarray:
-  """[U, F] each user's followees, -1 padded."""
-  n = np.bincount(data.follows[:, 0], minlength=data.num_users)
-  out = np.full([data.num_users, max(int(n.max(initial=0)), 1)], -1, np.int64)
-  order = np.argsort(data.follows[:, 0], kind="stable")
-  u = data.follows[order, 0]
-  out[u, np.arange(len(u)) - np.r_[0, np.cumsum(n)][u]] = data.follows[order, 1]
-  return out
-
-
 # ---------------------------------------------------------------- triplets --
 
 class Negatives:
@@ -165,7 +166,7 @@ class Negatives:
         else np.arange(self.n)
     self.by_time = np.argsort(data.posts["timestamp"], kind="stable")
     self.times = data.posts["timestamp"][self.by_time]
-    self.followees = followee_table(data)
+    self.followees = data.followees
     by_author = np.argsort(self.author, kind="stable")
     counts = np.bincount(self.author, minlength=data.num_users)
     self.author_posts, self.author_start, self.author_count = (
@@ -219,7 +220,6 @@ class TripletIterator:
     self.batch_size, self.seed = batch_size, seed
     self.fields = POST_FIELDS + (image_key,)
     self.bags, self.clusters = bags, clusters
-    self.followees = followee_table(data)
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     per = batch_size // process_count
@@ -285,7 +285,7 @@ class TripletIterator:
     take = {k: v[start:start + self.batch_size][self.rows] for k, v in self._plan.items()}
     self.step += 1
     users = take.pop("user").astype(np.int32)
-    batch = {"user": users, "followees": self.followees[users].astype(np.int32)}
+    batch = {"user": users, "followees": self.data.followees[users].astype(np.int32)}
     if self.bags is not None:
       batch["user_bag"] = self.bags[users]
     batch.update({k: self.posts(v) for k, v in take.items()})

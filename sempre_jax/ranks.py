@@ -84,23 +84,16 @@ class GroundTruth:
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
-  def counts(self) -> np.ndarray:
-    """[Q] number of ground truths of each query."""
-    return np.diff(self.offsets)
-
-  def subset(self, queries: np.ndarray) -> "GroundTruth":
-    """The ground truths of some queries, in the given order."""
-    queries = np.asarray(queries, np.int64)
-    counts = self.counts()[queries]
-    take = np.concatenate([np.arange(self.offsets[q], self.offsets[q + 1])
-                           for q in queries]) if len(queries) else np.zeros(0, np.int64)
-    return GroundTruth(np.r_[0, np.cumsum(counts)].astype(np.int64), self.indices[take])
+  def counts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """[stop - start] number of ground truths of queries start..stop (all by default)."""
+    stop = len(self) if stop is None else stop
+    return np.diff(self.offsets[start:stop + 1])
 
   def padded(self, start: int, stop: int, rows: int, width: int) -> np.ndarray:
     """[rows, width] ground truths of queries start..stop, each row sorted,
     -1 in front as padding (rows past stop are all -1)."""
     out = np.full([rows, width], -1, np.int64)
-    counts = self.counts()[start:stop]
+    counts = self.counts(start, stop)
     row = np.repeat(np.arange(stop - start), counts)
     col = width - counts[row] + (np.arange(len(row)) - np.repeat(
         np.r_[0, np.cumsum(counts)[:-1]], counts))
@@ -124,7 +117,7 @@ def ranks_from_scores(scores: np.ndarray, gts: GroundTruth, chunk: int = 1024) -
   for start in range(0, len(gts), chunk):
     stop = min(start + chunk, len(gts))
     mask = np.zeros([stop - start, scores.shape[1]], bool)
-    counts = gts.counts()[start:stop]
+    counts = gts.counts(start, stop)
     mask[np.repeat(np.arange(stop - start), counts),
          gts.indices[gts.offsets[start]:gts.offsets[stop]]] = True
     out.append(expected_rank(*_counts_from_scores(scores[start:stop], mask)))
@@ -221,7 +214,7 @@ class ExactRanker:
   def rank_block(self, queries, gts: GroundTruth, start: int, stop: int) -> np.ndarray:
     """Ranks of queries start..stop of `gts`, whose embeddings are `queries`."""
     q = self.query_chunk
-    width = 1 << int(max(gts.counts()[start:stop].max(), 1) - 1).bit_length()
+    width = 1 << int(max(gts.counts(start, stop).max(), 1) - 1).bit_length()
     gt = gts.padded(start, stop, q, width)
     if isinstance(queries, jax.Array):
       queries = jnp.pad(queries.astype(jnp.float32), ((0, q - (stop - start)), (0, 0)))

@@ -51,7 +51,7 @@ def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.nda
   acted = keys(data.actions[np.concatenate([splits[s] for s in interactions.SPLITS])])
   train_acted = keys(data.actions[splits["train"]])
   pool = np.flatnonzero(data.posts["image_mask"]) if images_only else np.arange(n)
-  followees = interactions.followee_table(data)
+  followees = data.followees
   author, stamp = data.posts["user"], data.posts["timestamp"]
   out = {"user": [], "post": [], "label": []}
   for u in np.unique(held[:, 0]):
@@ -132,7 +132,7 @@ class RecommendationEvaluator:
       self.oracle = user_metrics(u, oracle.action_scores(u, data.posts["topic"][p], followed),
                                  self.lists["label"], tuple(config.at), config.seed)
     self.users = {"user": np.arange(data.num_users, dtype=np.int32),
-                  "followees": interactions.followee_table(data).astype(np.int32)}
+                  "followees": data.followees.astype(np.int32)}
     if bags is not None:
       self.users["user_bag"] = bags
     self.posts = np.unique(self.lists["post"])

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from input_pipeline import interactions, loader, synthetic, word2vec
 from sempre_jax import evaluation, losses, mesh as mesh_lib, models, recommendation
@@ -162,7 +163,6 @@ class Recommendation:
       np.save(path, interactions.semantic_clusters(
           self.data, metadata["vocab_size"], ic.semantic_clusters, seed=self.config.seed))
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("semantic clusters")
     return np.load(path)
 
