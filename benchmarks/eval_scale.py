@@ -5,7 +5,7 @@
 The DU2MCE paper's test set: 1.89M text queries and 251k image queries
 against 39,808 users, and 5,000 x 5,000 image-text. Embeddings are drawn on
 the devices chunk by chunk (queries near their ground truth's embedding, so
-ranks are non-trivial) and ranked exactly by sempre_jax.ranks.ExactRanker on
+ranks are non-trivial) and ranked exactly by sempre_jax.evals.ranks.ExactRanker on
 every device. Prints, per task, the wall time, its FLOP lower bound (2 Q C D
 FLOPs at the f32 matmul peak measured in the same run) and the ratio, and the
 process's peak RSS.
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sempre_jax import mesh as mesh_lib, ranks
+from sempre_jax import mesh as mesh_lib
+from sempre_jax.evals import ranks
 
 flags.DEFINE_float("scale", 1.0, "Fraction of the paper's query counts.")
 flags.DEFINE_integer("dim", 1024, "Embedding size D.")

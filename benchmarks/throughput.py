@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, records, synthetic
-from sempre_jax import losses, mesh as mesh_lib, models, tasks, train
+from sempre_jax import losses, mesh as mesh_lib, tasks, train
+from sempre_jax.models import du2mce
 
 flags.DEFINE_list("modes", ["features", "pixels"], "Image inputs to benchmark.")
 flags.DEFINE_integer("steps", 10, "Timed train steps per mode.")
@@ -118,7 +119,7 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
   config.model.image_input = image_input
   bs = config.batch_size
   mesh = mesh_lib.make_mesh()
-  model = models.build_model(config.model, {"num_users": FLAGS.users,
+  model = du2mce.build_model(config.model, {"num_users": FLAGS.users,
                                             "vocab_size": FLAGS.vocab})
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, image_input, FLAGS.image_size,
                        np.random.default_rng(0))
@@ -132,7 +133,7 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
 
   data_iter = loader.train_iterator(
       data_dir, metadata, batch_size=bs, image_input=image_input,
-      image_key=models.image_key(image_input), seed=0)
+      image_key=du2mce.image_key(image_input), seed=0)
   pipeline_rate(data_iter, mesh, 2.0)                       # warm up the prefetch
   alone = pipeline_rate(data_iter, mesh, max(5.0, 3 * step_s))
   stop, rates = threading.Event(), []

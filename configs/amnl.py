@@ -11,7 +11,7 @@ held-out re-shares against their followees' other posts.
 """
 
 from configs import recommendation
-from sempre_jax import amnl
+from sempre_jax.models import amnl
 
 VARIANTS = {
     "both": {}, "image": {"model.modalities": "image"}, "text": {"model.modalities": "text"},

@@ -14,7 +14,7 @@ Adam (see below).
 """
 
 from configs import recommendation
-from sempre_jax import cdl
+from sempre_jax.models import cdl
 
 VARIANTS = ("cdl", "hinge", "twonets")
 

@@ -12,7 +12,7 @@ actions are the test set; P@K and R@K per user over every post.
 """
 
 from configs import recommendation
-from sempre_jax import dsempre
+from sempre_jax.models import dsempre
 
 
 def get_config():

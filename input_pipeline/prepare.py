@@ -24,7 +24,7 @@ author posts once); the report then counts held-out posts of unseen authors.
 
 Interests: with `interest_field`, a user's interest labels are the values of
 that field over all their kept posts (every split), one line per user index
-in `interests.txt` (for sempre_jax.interests).
+in `interests.txt` (for sempre_jax.analysis.interests).
 """
 
 import collections

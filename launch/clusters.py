@@ -9,7 +9,8 @@ images nearest to each cluster, and OUT/clusters.json.
 
 from absl import flags
 
-from sempre_jax import cli, clusters, space
+from sempre_jax import cli
+from sempre_jax.analysis import clusters, space
 
 cli.define_checkpoint_flags()
 flags.DEFINE_string("out", None, "Output directory.")

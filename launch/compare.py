@@ -14,7 +14,8 @@ import sys
 
 from absl import app, flags, logging
 
-from sempre_jax import comparison, train
+from sempre_jax import train
+from sempre_jax.analysis import comparison
 
 flags.DEFINE_list("configs", None, "Config files, each optionally with :variant.")
 flags.DEFINE_string("workdir", "runs/compare", "Parent of the runs' workdirs.")

@@ -11,7 +11,8 @@ multi-process job each process writes its own part (see sempre_jax/export.py).
 import jax
 from absl import flags
 
-from sempre_jax import cli, export, space
+from sempre_jax import cli
+from sempre_jax.analysis import export, space
 
 cli.define_checkpoint_flags()
 flags.DEFINE_string("out", None, "Output directory.")

@@ -13,7 +13,8 @@ import os
 
 from absl import flags
 
-from sempre_jax import cli, interests
+from sempre_jax import cli
+from sempre_jax.analysis import interests
 
 cli.define_checkpoint_flags()
 flags.DEFINE_integer("folds", 5, "Cross-validation folds (stratified, shuffled, seed 0).")

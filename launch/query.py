@@ -10,7 +10,8 @@ indexes are searched instead of embedding the dataset again.
 
 from absl import flags
 
-from sempre_jax import cli, search, space
+from sempre_jax import cli
+from sempre_jax.analysis import search, space
 
 cli.define_checkpoint_flags()
 flags.DEFINE_string("text", None, "The query text.")

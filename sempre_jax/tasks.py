@@ -3,7 +3,7 @@
 Two kinds of task share one trainer (sempre_jax/train.py):
   Retrieval       DU2MCE and its baselines: batches of posts from the shards,
                   the pairwise hinge mixture over the global batch (losses.py),
-                  exact retrieval ranks (evaluation.py); model selection by the
+                  exact retrieval ranks (retrieval.py); model selection by the
                   paper's sum of normalised median ranks.
   Recommendation  D-Sempre, CDL, AMNL (config.model.name, a module of this
                   package): batches of (user, acted post, negative post)
@@ -28,7 +28,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from input_pipeline import interactions, loader, synthetic, word2vec
-from sempre_jax import evaluation, losses, mesh as mesh_lib, models, recommendation
+from sempre_jax import losses, mesh as mesh_lib
+from sempre_jax.evals import recommendation, retrieval
+from sempre_jax.models import du2mce
 
 FAMILIES = ("dsempre", "cdl", "amnl")
 CLUSTERS_FILE = "semantic_clusters.npy"
@@ -78,21 +80,21 @@ class Retrieval:
 
   def __init__(self, config, data_dir: str, metadata: Mapping):
     self.config, self.data_dir, self.metadata = config, data_dir, metadata
-    self.model = models.build_model(config.model, metadata)
+    self.model = du2mce.build_model(config.model, metadata)
     self.num_train = metadata["splits"]["train"]["num_posts"]
 
   def train_iterator(self, batch_size: int, process_index: int, process_count: int):
     return loader.train_iterator(
         self.data_dir, self.metadata, batch_size=batch_size,
         image_input=self.config.model.image_input,
-        image_key=models.image_key(self.config.model.image_input), seed=self.config.seed,
+        image_key=du2mce.image_key(self.config.model.image_input), seed=self.config.seed,
         process_index=process_index, process_count=process_count)
 
   def init_variables(self, rng, example) -> dict:
     params = jax.jit(self.model.init)(rng, example)["params"]
     if self.config.model.init_from_word2vec and os.path.exists(
         os.path.join(self.data_dir, word2vec.INIT_FILE)):
-      params = models.init_from_word2vec(params, self.data_dir)
+      params = du2mce.init_from_word2vec(params, self.data_dir)
     return {"params": params}
 
   def stages(self, steps_per_epoch: int) -> list[Stage]:
@@ -111,7 +113,7 @@ class Retrieval:
                           self.config.model.get("merge_content", False))
 
   def evaluator(self, split: str, mesh):
-    return evaluation.RetrievalEvaluator(_split_config(self.config.eval, split), self.model,
+    return retrieval.RetrievalEvaluator(_split_config(self.config.eval, split), self.model,
                                          self.data_dir, self.metadata, mesh)
 
   def selection_score(self, results: Mapping, stages) -> float:
@@ -120,14 +122,14 @@ class Retrieval:
     for s in stages:
       for t, w in losses.term_weights(*s.lambdas).items():
         weights[t] = max(weights.get(t, 0.0), w)
-    return evaluation.selection_metric(results, weights)
+    return retrieval.selection_metric(results, weights)
 
   def format(self, results: Mapping) -> str:
     return ("ranks are exact; random = the median rank of a random ranking\n"
-            + evaluation.format_table(results))
+            + retrieval.format_table(results))
 
   def scalars(self, results: Mapping) -> dict:
-    out = {(t, k): v for t in evaluation.TASKS for k, v in results[t].items()}
+    out = {(t, k): v for t in retrieval.TASKS for k, v in results[t].items()}
     out[("joint_normalised_median_rank",)] = results["joint"]["normalised_median_rank"]
     return out
 
@@ -140,8 +142,8 @@ class Recommendation:
 
   def __init__(self, config, data_dir: str, metadata: Mapping, workdir: str):
     self.config, self.data_dir = config, data_dir
-    self.family = importlib.import_module(f"sempre_jax.{config.model.name}")
-    self.image_key = models.image_key(config.model.image_input)
+    self.family = importlib.import_module(f"sempre_jax.models.{config.model.name}")
+    self.image_key = du2mce.image_key(config.model.image_input)
     self.data = interactions.load(data_dir, metadata, self.image_key)
     ic = config.data.interactions
     self.splits = interactions.split_actions(self.data, ic.test, ic.validation,

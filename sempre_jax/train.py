@@ -37,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 from input_pipeline import records, synthetic
-from sempre_jax import evaluation, mesh as mesh_lib, tasks
+from sempre_jax import mesh as mesh_lib, tasks
+from sempre_jax.evals import retrieval
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -301,7 +302,7 @@ def report_eval(task, variables, split: str, mesh: Mesh, path: str) -> dict:
   results = task.evaluator(split, mesh).run(variables)
   if jax.process_index() == 0:
     print(f"\nResults on the {split} split:\n{task.format(results)}", flush=True)
-    evaluation.write_results(results, path)
+    retrieval.write_results(results, path)
   return results
 
 

@@ -6,7 +6,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from sempre_jax import mesh as mesh_lib, models, ranks, tasks, train
+from sempre_jax import mesh as mesh_lib, tasks, train
+from sempre_jax.evals import ranks
+from sempre_jax.models import du2mce as models
 
 GLOBAL_BATCH = 8
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from sempre_jax import amnl
+from sempre_jax.models import amnl
 
 USERS, VOCAB, D, H, WORD, FEAT, LENGTH, FOLLOWEES, N = 7, 30, 6, 5, 4, 8, 6, 4, 8
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from sempre_jax import cdl
+from sempre_jax.models import cdl
 
 B = 8
 DIM = 16

@@ -6,7 +6,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, synthetic
-from sempre_jax import comparison, losses, mesh as mesh_lib, models, tasks, train
+from sempre_jax import losses, mesh as mesh_lib, tasks, train
+from sempre_jax.analysis import comparison
+from sempre_jax.models import du2mce as models
 
 TINY = {"data.embedded.num_users": 30, "data.embedded.num_topics": 6,
         "data.embedded.posts_per_user": 30, "data.embedded.feature_dim": 16,

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from sempre_jax import dsempre
+from sempre_jax.models import dsempre
 
 K, VOCAB, LENGTH, SIDE, FEATURES = 6, 30, 5, 8, 7   # clusters, words, tokens, pixels
 

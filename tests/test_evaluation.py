@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sempre_jax import evaluation
+from sempre_jax.evals import retrieval as evaluation
 
 
 def test_rank_metrics_hand_case():

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sempre_jax import ranks
+from sempre_jax.evals import ranks
 from tests import multihost_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,8 @@ from scipy import sparse
 
 from configs import du2mce
 from input_pipeline import loader, prepare, records, text, word2vec
-from sempre_jax import evaluation, train
+from sempre_jax import train
+from sempre_jax.evals import retrieval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWEETS = os.path.join(ROOT, "..", "shared", "data", "mediaeval2016", "posts.jsonl")

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from sempre_jax import mesh as mesh_lib, ranks
+from sempre_jax import mesh as mesh_lib
+from sempre_jax.evals import ranks
 
 
 def argsort_rank(scores, gts, trials=3000, seed=0):

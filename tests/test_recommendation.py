@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from input_pipeline import interactions, synthetic
-from sempre_jax import recommendation
+from sempre_jax.evals import recommendation
 
 
 def test_user_metrics_match_sorting_and_sklearn():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import loader, records, synthetic
-from sempre_jax import export, search, space
+from sempre_jax.analysis import export, search, space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import records, splits, synthetic
-from sempre_jax import ranks
+from sempre_jax.evals import ranks
 
 SPEC = synthetic.CorpusSpec(num_users=60, num_topics=12, posts_per_user=30,
                             feature_dim=64, signal=0.6, followees=5,

@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
 from input_pipeline import loader, synthetic
-from sempre_jax import mesh as mesh_lib, models, tasks, train
+from sempre_jax import mesh as mesh_lib, tasks, train
+from sempre_jax.models import du2mce as models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=64", "--config.num_epochs=8",

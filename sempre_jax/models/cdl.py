@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax import encoders, models
+from sempre_jax.models import du2mce, encoders
 
 VARIANTS = ("cdl", "hinge", "twonets")
 # AlexNet's convolutions (features, kernel, stride) and which are followed by a
@@ -146,7 +146,7 @@ class CDL(nn.Module):
 
   def embed_posts(self, posts: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
     """Post fields -> {"image": [n, D]} (posts without an image embed zeros)."""
-    return {"image": self.image(posts[models.image_key(self.image_input)])}
+    return {"image": self.image(posts[du2mce.image_key(self.image_input)])}
 
   def score(self, user_repr, post_repr) -> jnp.ndarray:
     """-D(u_i, x_i) [n] without dropout: higher = more preferred."""
@@ -158,7 +158,7 @@ class CDL(nn.Module):
     x+ and x- go through the image sub-network as one [2b] batch; each distance
     draws its own dropout mask.
     """
-    key = models.image_key(self.image_input)
+    key = du2mce.image_key(self.image_input)
     images = jnp.concatenate([batch["pos"][key], batch["neg"][key]])
     pos, neg = jnp.split(self.embed_posts({key: images})["image"], 2)
     user = self.embed_users(batch)["user"]

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import word2vec
-from sempre_jax import encoders
+from sempre_jax.models import encoders
 
 MODALITIES = ("text", "image", "user")
 

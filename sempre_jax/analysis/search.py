@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from input_pipeline import records, text as text_lib
-from sempre_jax import export, space as space_lib
+from sempre_jax.analysis import export, space as space_lib
 
 MODALITIES = ("images", "posts", "users")
 SHOWN_POSTS = 5   # post ids printed per image

@@ -27,7 +27,9 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline import loader, records
-from sempre_jax import evaluation, mesh as mesh_lib, models, train
+from sempre_jax import mesh as mesh_lib, train
+from sempre_jax.evals import retrieval
+from sempre_jax.models import du2mce
 
 
 @dataclasses.dataclass
@@ -48,11 +50,11 @@ class Posts:
 class Space:
   """A checkpoint's towers over its dataset, on this process's devices."""
 
-  def __init__(self, model: models.DU2MCE, params, data_dir: str, metadata: dict, *,
+  def __init__(self, model: du2mce.DU2MCE, params, data_dir: str, metadata: dict, *,
                batch_size: int = 1000, step: int | None = None):
     self.model, self.data_dir, self.metadata, self.step = model, data_dir, metadata, step
     self.batch_size = batch_size
-    self.embedder = evaluation.Embedder(model, params, batch_size,
+    self.embedder = retrieval.Embedder(model, params, batch_size,
                                         mesh_lib.make_mesh(local=True))
     names = records.read_lines(data_dir, records.USERS_FILE)
     self.user_names = names or [str(u) for u in range(metadata["num_users"])]
@@ -90,7 +92,7 @@ class Space:
     """Every post of `splits` (all by default), batch by batch (see the module)."""
     splits = list(self.metadata["splits"]) if splits is None else list(splits)
     image_input = self.model.image_input if "image" in towers and self.has_images else None
-    image_key = models.image_key(self.model.image_input)
+    image_key = du2mce.image_key(self.model.image_input)
     seen = np.zeros([self.metadata.get("num_images", 0)], bool)
     total = sum(self.metadata["splits"][s]["num_posts"] for s in splits)
     done, t0 = 0, time.time()

@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from input_pipeline import loader, records, word2vec
-from sempre_jax import space
+from sempre_jax.analysis import space
 
 CHANCE = "chance"
 

@@ -26,7 +26,8 @@ from PIL import Image
 from sklearn.cluster import KMeans
 
 from input_pipeline import records
-from sempre_jax import evaluation, space as space_lib
+from sempre_jax.analysis import space as space_lib
+from sempre_jax.evals import retrieval
 
 PAGE_FILE = "index.html"
 JSON_FILE = "clusters.json"
@@ -37,7 +38,7 @@ def user_clusters(space: space_lib.Space, *, num_clusters: int = 50, top_words: 
                   images: int = 8, common_words: int = 200, seed: int = 0) -> dict:
   """The clusters of the space's users (see the module), largest first, as a
   JSON-able dict."""
-  active = np.flatnonzero(evaluation.train_posts_per_user(space.data_dir, space.metadata))
+  active = np.flatnonzero(retrieval.train_posts_per_user(space.data_dir, space.metadata))
   if not len(active):
     raise ValueError(f"no user of {space.data_dir} has a training post")
   users = space.users(active)                                         # [A, D]

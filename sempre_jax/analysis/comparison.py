@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from sempre_jax import evaluation, losses, train
+from sempre_jax import losses, train
+from sempre_jax.evals import retrieval
 
 RETRIEVAL_COLUMNS = ("text->user", "image->text", "image->user", "user->text",
                      "text->image", "user->image")
@@ -96,7 +97,7 @@ def format_retrieval(runs: Sequence[Run]) -> str:
                  + f"{r['joint']['normalised_median_rank']:>8.3f}")
   r = runs[0].results
   joint = sum(r[c]["random_median_rank"] / r[c]["candidates"]
-              for c in evaluation.JOINT_TASKS if r[c].get("queries"))
+              for c in retrieval.JOINT_TASKS if r[c].get("queries"))
   lines.append(f"{'random':<22}" + "".join(
       f"{r[c]['random_median_rank']:>12.1f} " if r[c].get("queries") else f"{'-':>12} "
       for c in RETRIEVAL_COLUMNS) + f"{joint:>8.3f}")

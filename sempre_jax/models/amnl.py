@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax import encoders
+from sempre_jax.models import encoders
 
 MODALITIES = ("both", "image", "text")
 POST_KEYS = ("tokens", "text_mask", "image_features", "image_mask")

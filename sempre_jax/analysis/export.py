@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import faiss
 import numpy as np
 
-from sempre_jax import space as space_lib
+from sempre_jax.analysis import space as space_lib
 
 PROJECTOR_DIR = "projector"
 MANIFEST_FILE = "export.json"

@@ -1,6 +1,6 @@
 """How good is the space, exactly?
 
-Retrieval on a held-out split with exact ranks (`sempre_jax.ranks`: every
+Retrieval on a held-out split with exact ranks (`sempre_jax.evals.ranks`: every
 candidate counted, the best-ranked of several ground truths counts, ties at
 their expected rank under random tie-breaking), computed on all devices.
 
@@ -36,7 +36,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import gammaln
 
 from input_pipeline import loader, synthetic
-from sempre_jax import encoders, mesh as mesh_lib, models, ranks
+from sempre_jax import mesh as mesh_lib
+from sempre_jax.evals import ranks
+from sempre_jax.models import du2mce, encoders
 
 TASKS = ("text->user", "text->user (2+ posts)", "image->text", "image->user",
          "user->text", "text->image", "user->image")
@@ -113,13 +115,13 @@ class Embedder:
   arrays); the last batch is padded, so each tower compiles once.
   """
 
-  def __init__(self, model: models.DU2MCE, params, batch_size: int, mesh: Mesh):
+  def __init__(self, model: du2mce.DU2MCE, params, batch_size: int, mesh: Mesh):
     self.mesh, self.embed_dim = mesh, model.embed_dim
     self.batch_size = mesh_lib.round_up(batch_size, mesh.devices.size)
     self._fns = {
         tower: jax.jit(lambda p, *xs, method=getattr(type(model), f"embed_{tower}"):
                        model.apply({"params": p}, *xs, method=method))
-        for tower in models.MODALITIES}
+        for tower in du2mce.MODALITIES}
     placed = all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
         NamedSharding(mesh, P()), x.ndim) for x in jax.tree.leaves(params))
     self._params = params if placed else mesh_lib.put_global(mesh, params)
@@ -148,11 +150,11 @@ def _first_positions(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class RetrievalEvaluator:
   """Exact retrieval metrics of a model on one split (built from config.eval)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: models.DU2MCE,
+  def __init__(self, config: ml_collections.ConfigDict, model: du2mce.DU2MCE,
                data_dir: str, metadata: Mapping, mesh: Mesh):
     self.config, self.model, self.mesh = config, model, mesh
     self.data_dir, self.metadata, self.split = data_dir, metadata, config.split
-    self.image_key = models.image_key(model.image_input)
+    self.image_key = du2mce.image_key(model.image_input)
     self.num_users = metadata["num_users"]
     post = _collect(loader.eval_batches(data_dir, metadata, self.split, 4096, None),
                     ("user", "text_mask", "image_mask", "image_id"))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax import encoders, models
+from sempre_jax.models import du2mce, encoders
 
 POST_ROLES = ("pos", "neg", "sem_anchor", "sem_pos", "sem_neg")
 
@@ -155,7 +155,7 @@ class DSempre(nn.Module):
     The posts of all roles go through the post branch together, so its
     BatchNorm statistics are those of every post of the batch.
     """
-    keys = ("tokens", "text_mask", "image_mask", models.image_key(self.image_input))
+    keys = ("tokens", "text_mask", "image_mask", du2mce.image_key(self.image_input))
     joined = {k: jnp.concatenate([batch[r][k] for r in POST_ROLES]) for k in keys}
     posts = jnp.split(self._posts(joined, train), len(POST_ROLES))
     return {"user": self._users(batch["user_bag"], train), **dict(zip(POST_ROLES, posts))}
