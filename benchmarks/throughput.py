@@ -133,7 +133,7 @@ def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
 
   data_iter = loader.train_iterator(
       data_dir, metadata, batch_size=bs, image_input=image_input,
-      image_key=du2mce.image_key(image_input), seed=0)
+      image_key=encoders.image_key(image_input), seed=0)
   pipeline_rate(data_iter, mesh, 2.0)                       # warm up the prefetch
   alone = pipeline_rate(data_iter, mesh, max(5.0, 3 * step_s))
   stop, rates = threading.Event(), []

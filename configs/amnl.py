@@ -10,8 +10,9 @@ variants (image, text). Evaluated by P@1, P@3 and AUC over each user's
 held-out re-shares against their followees' other posts.
 """
 
+import ml_collections
+
 from configs import recommendation
-from sempre_jax.models import amnl
 
 VARIANTS = {
     "both": {}, "image": {"model.modalities": "image"}, "text": {"model.modalities": "text"},
@@ -26,11 +27,21 @@ def get_config(variant: str = "both"):
   config = recommendation.get_config()
   config.data.embedded.update(image_size=0, followees=10)
   config.data.interactions.update(test=0.2, validation=0.0, negatives="followee")
-  config.model = amnl.default_model_config()
-  config.model.update(name="amnl", image_input="features", embed_dim=64, lstm_dim=64,
-                      word_dim=64)
+  config.model = ml_collections.ConfigDict({
+      "name": "amnl",
+      "image_input": "features",
+      "embed_dim": 64,         # D: users, posts and the attention's hidden size
+      "lstm_dim": 64,          # the LSTM's state y
+      "word_dim": 64,          # the Word2Vec size of launch/prepare_data.py
+      "margin": 1.0,           # c of the hinge
+      "modalities": "both",    # or "image", "text"
+      "dtype": "float32",      # compute dtype: "bfloat16" for mixed precision
+  })
   config.loss.l2 = 1e-6
   config.learning_rate = 1e-3
-  config.eval.update(protocol="followees", at=(1, 3), select="AUC", every_steps=0)
+  # No validation split: the test split is ranked with the final parameters.
+  del config.evals["val"]
+  config.best = ""
+  config.evals.test.update(protocol="followees", at=(1, 3), select="AUC")
   config.update_from_flattened_dict(VARIANTS[variant])
   return config

@@ -5,16 +5,17 @@
 
 Triplets (user, preferred image, another image); an AlexNet-shaped image net
 (narrowed by model.image_width for a CPU) and a user net over the user's bag
-of semantic clusters into one 1024-d space; a learned weighted L2 distance
-(squared differences, dropout 0.5, Dense to a scalar); the cross-entropy on
+of semantic clusters into one space; a learned weighted L2 distance (squared
+differences, dropout 0.5, Dense to a scalar); the cross-entropy on
 sigmoid(D- - D+) (variants: hinge, and the pairwise TwoNets baseline). For
 each user 20 preferred images, chosen at random, are held out and ranked among
 80 other images (the paper's 20 + 80): P@K and R@K per user. Trained with
 Adam (see below).
 """
 
+import ml_collections
+
 from configs import recommendation
-from sempre_jax.models import cdl
 
 VARIANTS = ("cdl", "hinge", "twonets")
 
@@ -26,14 +27,22 @@ def get_config(variant: str = "cdl"):
   config.data.embedded.update(actions_per_user=100, image_fraction=0.5)
   config.data.interactions.update(test=20, validation=5, images_only=True, order_by="random",
                                   negatives="random", semantic_clusters=200)
-  config.model = cdl.default_model_config()
-  config.model.update(name="cdl", image_input="pixels", image_width=0.125, embed_dim=256,
-                      user_hidden=(256,))
-  config.model.loss.variant = variant
+  config.model = ml_collections.ConfigDict({
+      "name": "cdl",
+      "embed_dim": 256,            # the paper: 1024
+      "image_input": "pixels",     # or "features" (frozen-CNN features, dense layers only)
+      "image_width": 0.125,        # x AlexNet widths (convs 96-256-384-384-256, fc 4096-4096)
+      "user_hidden": (256,),       # Dense widths before the last: [K] -> ... -> D
+      "dropout": 0.5,
+      "dtype": "float32",
+      "loss": {"variant": variant,   # "cdl", "hinge" or "twonets"
+               "margin": 1.0},       # hinge only
+  })
   # Adam, not the paper's SGD: on the 32-px embedded corpus SGD (lr 0.01, momentum
-  # 0.9) left the test AUC at 0.515 after 10 epochs, Adam reaches 0.708 (README).
+  # 0.9) left the test AUC at 0.515 after 10 epochs, Adam reaches 0.708 (docs/models.md).
   config.optimizer = "adam"
   config.learning_rate = 1e-3
-  config.eval.update(protocol="sampled", negatives_per_positive=4, at=(1, 5, 10, 20),
-                     select="R@10")
+  for name in ("val", "test"):
+    config.evals[name].update(protocol="sampled", negatives_per_positive=4,
+                              at=(1, 5, 10, 20), select="R@10")
   return config

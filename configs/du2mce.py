@@ -18,6 +18,17 @@ A variant after the colon selects a row of the paper's Tables 2 and 4:
 
 import ml_collections
 
+# The retrieval evaluator's settings (sempre_jax/evals/retrieval.py).
+RETRIEVAL = {
+    "type": "retrieval",
+    "batch_size": 1000,             # posts embedded per call
+    "max_image_text_pairs": 5000,   # image->text: the first images with a caption
+    "query_chunk": 1024,            # queries ranked per call
+    "candidate_chunk": 4096,        # candidates scored per scan step and device
+    "tie_tolerance": 1e-5,          # scores this close to the ground truth's tie
+    "user_vectors": "model",        # or "avg_text" / "avg_image" (Table 4 baselines)
+}
+
 VARIANTS = {
     "all": {},
     "tu": {"loss.l1": 1.0, "loss.l2": 0.0},
@@ -27,10 +38,13 @@ VARIANTS = {
     "tu+iu": {"loss.l1": 0.5, "loss.l2": 0.0},
     "it+iu": {"loss.l1": 0.0, "loss.l2": 0.5},
     "merged": {"model.merge_content": True, "loss.l1": 1.0, "loss.l2": 0.0},
-    "bridging": {"stages": ({"share": 0.5, "l1": 1.0, "l2": 0.0, "frozen": ()},
-                            {"share": 0.5, "l1": 0.0, "l2": 1.0, "frozen": ("text", "user")})},
-    "avg_text": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_text"},
-    "avg_image": {"loss.l1": 0.0, "loss.l2": 1.0, "eval.user_vectors": "avg_image"},
+    "bridging": {"stages": (
+        {"share": 0.5, "loss": {"l1": 1.0, "l2": 0.0}, "frozen": ()},
+        {"share": 0.5, "loss": {"l1": 0.0, "l2": 1.0}, "frozen": ("text", "user")})},
+    "avg_text": {"loss.l1": 0.0, "loss.l2": 1.0, "evals.val.user_vectors": "avg_text",
+                 "evals.test.user_vectors": "avg_text"},
+    "avg_image": {"loss.l1": 0.0, "loss.l2": 1.0, "evals.val.user_vectors": "avg_image",
+                  "evals.test.user_vectors": "avg_image"},
 }
 
 
@@ -43,7 +57,7 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.dir = ml_collections.config_dict.placeholder(str)  # None: embedded corpus
-  config.data.num_shards = 4
+  config.data.num_shards = 4        # embedded corpus: shards per split
   config.data.split_fractions = {"test": 0.2, "validation": 0.02}
   config.data.embedded = {           # input_pipeline.synthetic.CorpusSpec
       "num_users": 500, "num_topics": 64, "posts_per_user": 40.0,
@@ -75,20 +89,20 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   config.lr_decay = 10.0
   config.lr_decay_epochs = 10
   config.optimizer = "adam"
-  config.stages = ()   # or ({"share" of num_epochs, "l1", "l2", "frozen": towers}, ...)
+  config.momentum = 0.0
+  config.weight_decay = 0.0
+  config.stages = ()   # or ({"share" of num_epochs, "loss": {...}, "frozen": towers}, ...)
 
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.split = "test"
-  config.eval.batch_size = 1000
-  config.eval.max_image_text_pairs = 5000
-  config.eval.every_steps = 100        # validation (best checkpoint); 0: never
-  config.eval.query_chunk = 1024       # queries ranked per call
-  config.eval.candidate_chunk = 4096   # candidates scored per scan step and device
-  config.eval.tie_tolerance = 1e-5     # scores this close to the ground truth's tie
-  config.eval.user_vectors = "model"   # or "avg_text" / "avg_image" (Table 4 baselines)
+  # Evaluators (sempre_jax/evals/): each runs every `every_steps` during
+  # training (0: only once, after training, on the best checkpoint); `best`
+  # names the one whose score selects the best checkpoint (paper, section 4.3).
+  config.evals = ml_collections.ConfigDict()
+  config.evals.val = {**RETRIEVAL, "split": "validation", "every_steps": 100}
+  config.evals.test = {**RETRIEVAL, "split": "test", "every_steps": 0}
+  config.best = "val"
   config.update_from_flattened_dict(VARIANTS[variant])
   return config

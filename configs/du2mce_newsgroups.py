@@ -20,5 +20,5 @@ def get_config():
   config = du2mce_tweets.get_config()
   config.update_from_flattened_dict(du2mce.VARIANTS["tu"])
   config.model.image_input = "features"
-  config.eval.every_steps = 48
+  config.evals.val.every_steps = 48
   return config

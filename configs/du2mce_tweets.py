@@ -20,5 +20,6 @@ def get_config():
   config.learning_rate = 1e-3
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
-  config.eval.batch_size = 500
+  for name in ("val", "test"):
+    config.evals[name].batch_size = 500
   return config

@@ -1,11 +1,23 @@
 """Shared settings of the recommendation models (D-Sempre, CDL, AMNL): the
-embedded corpus with actions, the per-user time split, the evaluation.
-configs/dsempre.py, configs/cdl.py and configs/amnl.py build on it.
+embedded corpus with actions, the per-user split of the actions, the
+evaluation. configs/dsempre.py, configs/cdl.py and configs/amnl.py build on it.
 """
 
 import ml_collections
 
 from configs import du2mce
+
+# The recommendation evaluator's settings (sempre_jax/evals/recommendation.py).
+RECOMMENDATION = {
+    "type": "recommendation",
+    "batch_size": 512,
+    "protocol": "all",         # all | sampled | followees
+    "max_candidates": 1000,    # all: non-positive candidates per user (a fixed sample)
+    "negatives_per_positive": 4,   # sampled: other images per held-out one
+    "at": (1, 3, 5, 10),
+    "select": "R@10",          # the metric that selects the best checkpoint (higher is better)
+    "seed": 0,
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
       "window_minutes": 60.0,    # time_window: negatives published within +- this
       "semantic_clusters": 0,    # k-means clusters of post texts (0: none)
   }
-  config.model = ml_collections.ConfigDict({"name": "", "image_input": "pixels"})
+  config.model = ml_collections.ConfigDict({"name": "", "image_input": "pixels",
+                                            "dtype": "float32"})
   config.loss = ml_collections.ConfigDict({"l2": 0.0})
   config.stages = ()
   config.batch_size = 256
@@ -34,15 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
-  config.eval = ml_collections.ConfigDict({
-      "split": "test",
-      "every_steps": 200,        # validation (best checkpoint); 0: never
-      "batch_size": 512,
-      "protocol": "all",         # all | sampled | followees (sempre_jax/recommendation.py)
-      "max_candidates": 1000,    # all: non-positive candidates per user (a fixed sample)
-      "negatives_per_positive": 4,   # sampled: other images per held-out one
-      "at": (1, 3, 5, 10),
-      "select": "R@10",          # the validation metric of the best checkpoint (higher is better)
-      "seed": 0,
-  })
+  config.evals = ml_collections.ConfigDict()
+  config.evals.val = {**RECOMMENDATION, "split": "validation", "every_steps": 200}
+  config.evals.test = {**RECOMMENDATION, "split": "test", "every_steps": 0}
+  config.best = "val"
   return config

@@ -27,6 +27,7 @@ import functools
 import os
 from collections.abc import Mapping
 
+import grain
 import numpy as np
 
 from input_pipeline import loader, records, synthetic, word2vec
@@ -204,7 +205,7 @@ class Negatives:
     return out
 
 
-class TripletIterator:
+class TripletIterator(grain.DatasetIterator):
   """Resumable iterator of this process's part of each global batch.
 
   Each epoch shuffles the training actions and draws their negatives (and
@@ -216,6 +217,7 @@ class TripletIterator:
                *, batch_size: int, image_key: str, seed: int, bags: np.ndarray | None = None,
                clusters: np.ndarray | None = None, process_index: int = 0,
                process_count: int = 1):
+    super().__init__()
     self.data, self.train, self.negatives = data, train_actions, negatives
     self.batch_size, self.seed = batch_size, seed
     self.fields = POST_FIELDS + (image_key,)
@@ -240,9 +242,6 @@ class TripletIterator:
 
   def set_state(self, state: Mapping) -> None:
     self.epoch, self.step, self._plan = int(state["epoch"]), int(state["step"]), None
-
-  def __iter__(self):
-    return self
 
   def _epoch_plan(self) -> dict:
     """The epoch's shuffled triplets (row arrays over the whole epoch)."""

@@ -50,10 +50,10 @@ def make_parser(metadata: Mapping, image_input: str) -> records.Parser:
   return records.Parser(image_size=metadata["image_size"])
 
 
-def train_iterator(data_dir: str, metadata: Mapping, *, batch_size: int,
-                   image_input: str, image_key: str, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   num_threads: int = 2) -> grain.DatasetIterator:
+def train_dataset(data_dir: str, metadata: Mapping, *, batch_size: int,
+                  image_input: str, image_key: str, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  num_threads: int = 2) -> grain.IterDataset:
   """Endless shuffled per-process batches of the train split (numpy dicts)."""
   paths = split_paths(data_dir, metadata, "train")[process_index::process_count]
   if not paths:
@@ -70,7 +70,12 @@ def train_iterator(data_dir: str, metadata: Mapping, *, batch_size: int,
         .repeat(None)
         .batch(batch_size, drop_remainder=True, batch_fn=to_batch))
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
-  return iter(ds.to_iter_dataset(options))
+  return ds.to_iter_dataset(options)
+
+
+def train_iterator(*args, **kwargs) -> grain.DatasetIterator:
+  """An iterator of `train_dataset(*args, **kwargs)`."""
+  return iter(train_dataset(*args, **kwargs))
 
 
 def eval_batches(data_dir: str, metadata: Mapping, split: str, batch_size: int,

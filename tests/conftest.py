@@ -20,14 +20,28 @@ def tiny_config():
   config.model.update(embed_dim=32, word_dim=16, user_dim=16, text_filters=(16, 16, 16))
   config.update(batch_size=64, num_epochs=6, learning_rate=0.003, log_every_steps=1000,
                 checkpoint_every_steps=1000)
-  config.eval.update(batch_size=128, every_steps=40)
+  config.evals.val.update(batch_size=128, every_steps=40)
+  config.evals.test.batch_size = 128
   return config
+
+
+def prepared(config, workdir) -> tuple[str, dict]:
+  """(data dir, metadata): config.data.dir, or the embedded corpus under workdir
+  (generated and prepared as launch/train.py does)."""
+  from input_pipeline import embedded, records
+  data_dir = config.data.dir or embedded.ensure(config, str(workdir))
+  return data_dir, records.read_metadata(data_dir)
+
+
+def run(config, workdir):
+  """launch/train.py's job in this process: (final state, {evaluator: results})."""
+  from sempre_jax import train
+  return train.train_and_evaluate(config, str(workdir), *prepared(config, workdir))
 
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """A workdir written by the trainer (config.json, checkpoints, data, eval JSON)."""
-  from sempre_jax import train
   workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  run(tiny_config(), workdir)
   return workdir

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import amnl as amnl_config
 from sempre_jax.models import amnl
 
 USERS, VOCAB, D, H, WORD, FEAT, LENGTH, FOLLOWEES, N = 7, 30, 6, 5, 4, 8, 6, 4, 8
@@ -353,7 +354,7 @@ def test_training_lowers_the_loss():
 
 
 def test_build_from_default_config():
-  cfg = amnl.default_model_config()
+  cfg = amnl_config.get_config().model
   assert cfg.modalities == "both" and cfg.margin > 0
   model = amnl.build(cfg, {"num_users": USERS, "vocab_size": VOCAB}, axis_name="data")
   assert (model.embed_dim, model.lstm_dim, model.word_dim) == \

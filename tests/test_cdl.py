@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import cdl as cdl_config
 from sempre_jax.models import cdl
 
 B = 8
@@ -52,7 +53,7 @@ def ref_loss(variant, d_pos, d_neg, valid, margin=MARGIN):
 
 def config(variant="cdl", **model):
   """A job config whose model is a tiny CDL: 1/16 of AlexNet's widths, a 16-d space."""
-  c = cdl.default_model_config()
+  c = cdl_config.get_config().model
   c.update(name="cdl", embed_dim=DIM, image_width=1 / 16, user_hidden=(24,), **model)
   c.loss.update(variant=variant, margin=MARGIN)
   return ml_collections.ConfigDict({"model": c, "loss": {"l2": 0.0}})
@@ -206,9 +207,10 @@ def test_shapes_and_eval_consistency(image_input, dtype):
 
 
 def test_paper_shape_and_small_images():
-  """Default config: AlexNet's layers to 1024-d; 224-px and 32-px images fit."""
-  c = cdl.default_model_config()
-  assert c.embed_dim == 1024 and c.dropout == 0.5 and c.loss.variant == "cdl"
+  """The paper's network: AlexNet's layers to 1024-d; 224-px and 32-px images fit."""
+  c = cdl_config.get_config().model
+  c.update(embed_dim=1024, image_width=1.0, user_hidden=(1024,))
+  assert c.dropout == 0.5 and c.loss.variant == "cdl"
   model = cdl.build(c, SIZES)
   for size, flat in ((224, 7 * 7 * 256), (32, 256)):
     batch = make_batch(np.random.default_rng(0), b=2, size=size)

@@ -10,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+from configs import dsempre as dsempre_config
 from sempre_jax.models import dsempre
 
 K, VOCAB, LENGTH, SIDE, FEATURES = 6, 30, 5, 8, 7   # clusters, words, tokens, pixels
@@ -74,7 +75,7 @@ def make_batch(rng, b):
 
 def tiny_model(**kw):
   """D-Sempre of the default config at toy sizes, `kw` overriding the config."""
-  config = dsempre.default_model_config()
+  config = dsempre_config.get_config().model
   config.update({"embed_dim": 8, "user_hidden": 16, "word_dim": 8, "branch_dim": 8,
                  "conv_channels": (4, 4, 4, 4, 4), **kw})
   return dsempre.build(config, {"num_users": 10, "vocab_size": VOCAB})
@@ -163,15 +164,15 @@ def test_score_is_negative_euclidean_distance():
   np.testing.assert_allclose(far, [-2.0], rtol=1e-6)
 
 
-def test_default_config_is_the_papers():
-  """Dropout 0.5, lambda 0.3, margin 1, a 5-layer ConvNet, D = 256; build sizes
-  the module from the dataset and the config."""
-  config = dsempre.default_model_config()
+def test_config_keeps_the_papers_settings():
+  """Dropout 0.5, lambda 0.3, margin 1, a 5-layer ConvNet (narrowed widths); build
+  sizes the module from the dataset and the config."""
+  config = dsempre_config.get_config().model
   assert (config.dropout, config.semantic_weight, config.margin) == (0.5, 0.3, 1.0)
   assert len(config.conv_channels) == 5 and config.semantic_triplets
   model = dsempre.build(config, {"num_users": 3, "vocab_size": 11, "feature_dim": 0},
                         axis_name="data")
-  assert (model.embed_dim, model.vocab_size, model.axis_name) == (256, 11, "data")
+  assert (model.embed_dim, model.vocab_size, model.axis_name) == (config.embed_dim, 11, "data")
 
 
 # ---------------------------------------------------------------- BatchNorm

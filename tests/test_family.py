@@ -7,7 +7,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import amnl, cdl, dsempre
-from sempre_jax import mesh as mesh_lib, tasks, train
+from sempre_jax import mesh as mesh_lib, train
+from sempre_jax.experiment import Experiment
+from tests import conftest
 
 CONFIGS = {"dsempre": dsempre, "cdl": cdl, "amnl": amnl}
 
@@ -29,7 +31,8 @@ def tiny(name: str):
   config.update(batch_size=64, log_every_steps=1000, checkpoint_every_steps=1000)
   if name == "amnl":
     config.learning_rate = 0.01      # a few steps on a tiny corpus
-  config.eval.update(batch_size=256, every_steps=0, max_candidates=200)
+  for block in config.evals.values():
+    block.update(batch_size=256, max_candidates=200)
   return config
 
 
@@ -41,20 +44,20 @@ def test_four_devices_match_one_device(tmp_path, name):
   config = tiny(name)
   if name == "dsempre":
     config.model.dropout = 0.0           # dropout masks differ per device by design
-  data_dir, metadata = train.dataset(config, str(tmp_path))
-  task = tasks.build(config, data_dir, metadata, str(tmp_path))
-  batch = next(task.train_iterator(32, 0, 1))
-  variables = task.init_variables(jax.random.key(0), batch)
+  exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
+  batch = next(iter(exp.data.train_dataset(32, 0, 1)))
+  variables = exp.init_variables(jax.random.key(0), batch)
   tx = train.make_optimizer(config, 10)
   out = {}
   for n in (1, 4):
     mesh = mesh_lib.make_mesh(n)
     state = jax.device_put(train.create_train_state(jax.tree.map(np.array, variables), tx),
                            NamedSharding(mesh, P()))
-    step = train.make_train_step(task.loss_fn(task.stages(10)[0]), mesh)
+    step, zero_sums = train.make_train_step(exp.loss_fn(exp.stages(10)[0]), mesh)
+    sums = zero_sums(state, mesh_lib.shard_batch(mesh, batch))
     for _ in range(2):
-      state, metrics = step(state, mesh_lib.shard_batch(mesh, batch))
-    out[n] = (float(metrics["loss"]), mesh_lib.to_host(state.variables()))
+      state, sums = step(state, sums, mesh_lib.shard_batch(mesh, batch))
+    out[n] = (float(sums["loss"]) / 2, mesh_lib.to_host(state.variables()))
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), out[4][1], out[1][1])
@@ -66,10 +69,12 @@ def test_config_trains_end_to_end(tmp_path, name):
   test metrics; the model ranks the held-out actions above random."""
   config = tiny(name)
   config.num_epochs = 6
-  config.eval.every_steps = 10 if config.data.interactions.validation else 0
-  state, results = train.train_and_evaluate(config, str(tmp_path))
+  if "val" in config.evals:
+    config.evals.val.every_steps = 10
+  state, results = conftest.run(config, tmp_path)
+  results = results["test"]
   assert int(state.step) > 0 and results["users"] > 10
   assert results["AUC"] > 0.55, results
   assert results["oracle"]["AUC"] > 0.5         # the planted odds, ranked the same way
-  at = config.eval.at[-1]
+  at = config.evals.test.at[-1]
   assert results[f"R@{at}"] > results[f"random_R@{at}"], results

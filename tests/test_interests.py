@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from input_pipeline import records
-from sempre_jax.analysis import interests
+from sempre_jax.evals import interests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREVALENCE = (0.5, 0.3, 0.2, 0.1)

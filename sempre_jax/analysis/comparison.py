@@ -14,11 +14,13 @@ whose users are the mean embedding of their training posts (Avg-Text/Image).
 
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from input_pipeline import embedded, records
 from sempre_jax import losses, train
 from sempre_jax.evals import retrieval
 
@@ -63,21 +65,23 @@ def run_all(specs: Sequence[str], workdir: str,
       config.update_from_flattened_dict(dict(overrides))
     name = run_name(spec)
     if not config.data.dir:          # one copy of each embedded corpus
-      key = config.data.embedded.to_json(sort_keys=True) + str(config.data.split_fractions)
+      key = json.dumps(embedded.settings(config), sort_keys=True)
       if key not in shared:
-        shared[key] = train.dataset(config, os.path.join(workdir, f"corpus{len(shared)}"))[0]
+        shared[key] = embedded.ensure(config, os.path.join(workdir, f"corpus{len(shared)}"))
       config.data.dir = shared[key]
     log(f"\n=== {name} ({spec}) ===")
     _, results = train.train_and_evaluate(
-        config, os.path.join(workdir, name.replace(":", "_")))
-    runs.append(Run(name, config, results))
+        config, os.path.join(workdir, name.replace(":", "_")), config.data.dir,
+        records.read_metadata(config.data.dir))
+    runs.append(Run(name, config, results["test"]))
   return runs
 
 
 def _trained_terms(run: Run) -> set[str]:
   """The loss terms with a non-zero weight in some stage of a DU2MCE run."""
   config = run.config
-  stages = config.get("stages") or [{"l1": config.loss.l1, "l2": config.loss.l2}]
+  stages = [{**config.loss.to_dict(), **dict(s.get("loss") or {})}
+            for s in config.get("stages") or [{}]]
   return {t for s in stages for t, w in losses.term_weights(s["l1"], s["l2"]).items() if w > 0}
 
 
@@ -87,7 +91,7 @@ def format_retrieval(runs: Sequence[Run]) -> str:
   lines = [head, "-" * len(head)]
   for run in runs:
     terms, r = _trained_terms(run), run.results
-    averaged = run.config.eval.get("user_vectors", "model") != "model"
+    averaged = run.config.evals.test.get("user_vectors", "model") != "model"
     cells = []
     for c in RETRIEVAL_COLUMNS:
       mark = ("+" if averaged and "user" in c else "") or ("" if TASK_TERM[c] in terms else "*")

@@ -11,7 +11,7 @@ tools share (export, clusters, query):
                          (position of the post in the pass % P == p);
                  images  the first post of each image not seen before, of
                          this process's share (image id % P == p);
-               with a progress line (rate, ETA) on stderr. towers=() reads
+               with a progress bar (rate, ETA) on stderr. towers=() reads
                ids only (fast: no image is parsed).
   pictures(...)  the encoded picture of some posts, read back from the records.
 Every embedding is L2-normalised by the model: a dot product is a cosine.
@@ -19,17 +19,19 @@ Every embedding is L2-normalised by the model: a dot product is a cosine.
 """
 
 import dataclasses
+import functools
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+import tqdm
 from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline import loader, records
-from sempre_jax import mesh as mesh_lib, train
+from sempre_jax import mesh as mesh_lib
+from sempre_jax.analysis import workdir as workdir_lib
 from sempre_jax.evals import retrieval
-from sempre_jax.models import du2mce
+from sempre_jax.models import du2mce, encoders
 
 
 @dataclasses.dataclass
@@ -54,8 +56,8 @@ class Space:
                batch_size: int = 1000, step: int | None = None):
     self.model, self.data_dir, self.metadata, self.step = model, data_dir, metadata, step
     self.batch_size = batch_size
-    self.embedder = retrieval.Embedder(model, params, batch_size,
-                                        mesh_lib.make_mesh(local=True))
+    embedder = retrieval.Embedder(model, batch_size, mesh_lib.make_mesh(local=True))
+    self.embedder = functools.partial(embedder, embedder.place(params))
     names = records.read_lines(data_dir, records.USERS_FILE)
     self.user_names = names or [str(u) for u in range(metadata["num_users"])]
     self.vocab = records.read_lines(data_dir, records.VOCAB_FILE)
@@ -63,10 +65,13 @@ class Space:
   @classmethod
   def restore(cls, workdir: str, checkpoint: str = "best") -> "Space":
     """The space of a workdir's checkpoint ("best", "latest" or a step)."""
-    config, model, data_dir, metadata, params, step = train.restore_checkpoint(
-        workdir, checkpoint)
-    return cls(model, params, data_dir, metadata, batch_size=config.eval.batch_size,
-               step=step)
+    exp, variables, step = workdir_lib.restore(workdir, checkpoint)
+    if exp.model_def.DATA != "posts":
+      raise ValueError(f"{workdir} holds a {exp.config.model.name} model; this tool needs "
+                       "a model of posts (DU2MCE)")
+    batch_size = max([e.get("batch_size", 0) for e in exp.config.evals.values()] or [1000])
+    return cls(exp.module, variables["params"], exp.data_dir, exp.metadata,
+               batch_size=batch_size, step=step)
 
   @property
   def has_images(self) -> bool:
@@ -92,10 +97,11 @@ class Space:
     """Every post of `splits` (all by default), batch by batch (see the module)."""
     splits = list(self.metadata["splits"]) if splits is None else list(splits)
     image_input = self.model.image_input if "image" in towers and self.has_images else None
-    image_key = du2mce.image_key(self.model.image_input)
+    image_key = encoders.image_key(self.model.image_input)
     seen = np.zeros([self.metadata.get("num_images", 0)], bool)
     total = sum(self.metadata["splits"][s]["num_posts"] for s in splits)
-    done, t0 = 0, time.time()
+    done, bar = 0, tqdm.tqdm(total=total, desc=label, unit="posts", unit_scale=True,
+                              file=sys.stderr)
     for split in splits:
       row = 0
       for batch in loader.eval_batches(self.data_dir, self.metadata, split,
@@ -123,10 +129,8 @@ class Space:
             images=images)
         row += n
         done += n
-        rate = done / max(time.time() - t0, 1e-9)
-        print(f"\r{label}: {done}/{total} posts, {rate:,.0f} posts/s, ETA "
-              f"{(total - done) / max(rate, 1e-9):.0f}s   ", end="", file=sys.stderr)
-    print(file=sys.stderr)
+        bar.update(n)
+    bar.close()
 
   def pictures(self, locations: Sequence[tuple[str, int]]) -> list[bytes | None]:
     """The encoded pictures (PNG/JPEG bytes) of posts given as (split, row); None

@@ -23,6 +23,7 @@ Protocols (config.eval.protocol):
              first held-out action on (AMNL).
 """
 
+import os
 from collections.abc import Mapping
 
 import jax
@@ -183,3 +184,30 @@ def format_table(results: Mapping, at: tuple[int, ...]) -> str:
     lines.append(f"{name:<8} {results[name]:>7.3f} {results['random_' + name]:>7.3f}"
                  + (f" {oracle[name]:>7.3f}" if oracle else ""))
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- registry --
+
+class Recommendation(RecommendationEvaluator):
+  """The recommendation evaluator of a run (sempre_jax/evals: the Evaluator protocol)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, exp, mesh):
+    del mesh   # the per-user scoring is small: one device per process
+    data = exp.data
+    ic = exp.config.data.interactions
+    oracle = os.path.join(data.data_dir, synthetic.ORACLE_FILE)
+    super().__init__(config, exp.module, data.interactions, data.action_splits, config.split,
+                     image_key=data.image_key, bags=data.bags, images_only=ic.images_only,
+                     oracle=synthetic.Oracle.load(oracle) if os.path.exists(oracle) else None)
+
+  def score(self, results: Mapping) -> float:
+    return -results[self.config.select]
+
+  def format(self, results: Mapping) -> str:
+    return format_table(results, tuple(self.config.at))
+
+  def scalars(self, results: Mapping) -> dict:
+    return {(k,): v for k, v in results.items() if isinstance(v, float)}
+
+
+build = Recommendation

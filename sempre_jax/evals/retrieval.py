@@ -24,6 +24,7 @@ tasks whose loss weight is non-zero). On the embedded corpus the oracle (the
 planted model's posterior) is ranked the same way beside the model.
 """
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -111,28 +112,33 @@ def selection_metric(results: Mapping, weights: Mapping[str, float]) -> float:
 class Embedder:
   """One tower at a time over host arrays [N, ...] -> a global [N, D] array.
 
-  Batches are split over the devices of `mesh` (every process passes the same
-  arrays); the last batch is padded, so each tower compiles once.
+  Built once per run: each tower compiles once (batches are split over the
+  devices of `mesh`, every process passes the same arrays, and the last batch
+  is padded) and serves every call, whatever the parameters.
   """
 
-  def __init__(self, model: du2mce.DU2MCE, params, batch_size: int, mesh: Mesh):
+  def __init__(self, model, batch_size: int, mesh: Mesh):
     self.mesh, self.embed_dim = mesh, model.embed_dim
     self.batch_size = mesh_lib.round_up(batch_size, mesh.devices.size)
     self._fns = {
         tower: jax.jit(lambda p, *xs, method=getattr(type(model), f"embed_{tower}"):
                        model.apply({"params": p}, *xs, method=method))
         for tower in du2mce.MODALITIES}
-    placed = all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
-        NamedSharding(mesh, P()), x.ndim) for x in jax.tree.leaves(params))
-    self._params = params if placed else mesh_lib.put_global(mesh, params)
 
-  def __call__(self, tower: str, *arrays: np.ndarray) -> jax.Array:
-    fn, bs, out = self._fns[tower], self.batch_size, []
+  def place(self, params):
+    """`params` replicated on the mesh (as they are when they already are)."""
+    placed = all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
+        NamedSharding(self.mesh, P()), x.ndim) for x in jax.tree.leaves(params))
+    return params if placed else mesh_lib.put_global(self.mesh, params)
+
+  def __call__(self, params, tower: str, *arrays: np.ndarray) -> jax.Array:
+    """tower(arrays) with `params` (place host parameters once with `place`)."""
+    fn, bs, out, placed = self._fns[tower], self.batch_size, [], self.place(params)
     for start in range(0, len(arrays[0]), bs):
       chunk = [a[start:start + bs] for a in arrays]
       n = len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((bs - n,) + c.shape[1:], c.dtype)]) for c in chunk]
-      out.append(fn(self._params, *mesh_lib.put_global(self.mesh, chunk, P(mesh_lib.AXIS)))[:n])
+      out.append(fn(placed, *mesh_lib.put_global(self.mesh, chunk, P(mesh_lib.AXIS)))[:n])
     if not out:
       return jnp.zeros([0, self.embed_dim])
     return jnp.concatenate(out) if len(out) > 1 else out[0]
@@ -154,7 +160,7 @@ class RetrievalEvaluator:
                data_dir: str, metadata: Mapping, mesh: Mesh):
     self.config, self.model, self.mesh = config, model, mesh
     self.data_dir, self.metadata, self.split = data_dir, metadata, config.split
-    self.image_key = du2mce.image_key(model.image_input)
+    self.image_key = encoders.image_key(model.image_input)
     self.num_users = metadata["num_users"]
     post = _collect(loader.eval_batches(data_dir, metadata, self.split, 4096, None),
                     ("user", "text_mask", "image_mask", "image_id"))
@@ -166,6 +172,7 @@ class RetrievalEvaluator:
     oracle_path = os.path.join(data_dir, synthetic.ORACLE_FILE)
     self.oracle = (self._metrics(self._oracle_ranks(synthetic.Oracle.load(oracle_path)))
                    if os.path.exists(oracle_path) else None)
+    self.embedder = Embedder(model, config.batch_size, mesh)
 
   def _build_tasks(self, user, has_text, image_id, max_pairs: int) -> None:
     """Queries, candidates and ground truths of every task, from the split's
@@ -241,7 +248,7 @@ class RetrievalEvaluator:
 
   def model_ranks(self, params) -> dict:
     """{task: ranks} of the model with `params`."""
-    embed = Embedder(self.model, params, self.config.batch_size, self.mesh)
+    embed = functools.partial(self.embedder, self.embedder.place(params))
     kind = self.config.get("user_vectors", "model")
     users = (embed("user", np.arange(self.num_users, dtype=np.int32)) if kind == "model"
              else self._average_users(embed, kind))
@@ -345,3 +352,29 @@ def format_table(results: Mapping) -> str:
 def write_results(results: Mapping, path: str) -> None:
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
+
+
+# ---------------------------------------------------------------- registry --
+
+class Retrieval(RetrievalEvaluator):
+  """The retrieval evaluator of a run (sempre_jax/evals: the Evaluator protocol)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, exp, mesh: Mesh):
+    super().__init__(config, exp.module, exp.data_dir, exp.metadata, mesh)
+    self.weights = exp.term_weights()
+
+  def score(self, results: Mapping) -> float:
+    """The paper's selection (section 4.3) over the terms trained in any stage."""
+    return selection_metric(results, self.weights)
+
+  def format(self, results: Mapping) -> str:
+    return ("ranks are exact; random = the median rank of a random ranking\n"
+            + format_table(results))
+
+  def scalars(self, results: Mapping) -> dict:
+    out = {(t, k): v for t in TASKS for k, v in results[t].items()}
+    out[("joint_normalised_median_rank",)] = results["joint"]["normalised_median_rank"]
+    return out
+
+
+build = Retrieval

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax.models import encoders
+from sempre_jax.models import triplets, encoders
+
 
 MODALITIES = ("both", "image", "text")
 POST_KEYS = ("tokens", "text_mask", "image_features", "image_mask")
@@ -125,16 +126,6 @@ def per_example_loss(out: Mapping[str, jnp.ndarray], batch: Mapping,
   return rank, {"rank": rank}
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """AMNL's model and loss hyper-parameters (config.model)."""
-  return ml_collections.ConfigDict({
-      "embed_dim": 256,        # D: users, posts and the attention's hidden size
-      "lstm_dim": 256,         # the LSTM's state y
-      "word_dim": 300,         # the Word2Vec size of launch/prepare_data.py
-      "margin": 1.0,           # c of the hinge
-      "modalities": "both",    # or "image", "text"
-      "dtype": "float32",      # compute dtype: "bfloat16" for mixed precision
-  })
 
 
 def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
@@ -146,3 +137,8 @@ def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
               lstm_dim=config.lstm_dim, word_dim=config.word_dim,
               modalities=config.modalities, dtype=jnp.dtype(config.dtype),
               axis_name=axis_name)
+
+
+DATA = triplets.DATA
+init = triplets.init
+loss_fn = triplets.make_loss_fn(per_example_loss)

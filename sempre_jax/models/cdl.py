@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax.models import du2mce, encoders
+from sempre_jax.models import encoders, triplets
+
 
 VARIANTS = ("cdl", "hinge", "twonets")
 # AlexNet's convolutions (features, kernel, stride) and which are followed by a
@@ -146,7 +147,7 @@ class CDL(nn.Module):
 
   def embed_posts(self, posts: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
     """Post fields -> {"image": [n, D]} (posts without an image embed zeros)."""
-    return {"image": self.image(posts[du2mce.image_key(self.image_input)])}
+    return {"image": self.image(posts[encoders.image_key(self.image_input)])}
 
   def score(self, user_repr, post_repr) -> jnp.ndarray:
     """-D(u_i, x_i) [n] without dropout: higher = more preferred."""
@@ -158,7 +159,7 @@ class CDL(nn.Module):
     x+ and x- go through the image sub-network as one [2b] batch; each distance
     draws its own dropout mask.
     """
-    key = du2mce.image_key(self.image_input)
+    key = encoders.image_key(self.image_input)
     images = jnp.concatenate([batch["pos"][key], batch["neg"][key]])
     pos, neg = jnp.split(self.embed_posts({key: images})["image"], 2)
     user = self.embed_users(batch)["user"]
@@ -192,21 +193,6 @@ def per_example_loss(out: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.nda
   return zero(loss), {name: zero(x) for name, x in terms.items()}
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """CDL's model and loss hyper-parameters (config.model): the paper's network
-  (AlexNet image net, 1024-d space, dropout 0.5) and the CDL loss;
-  image_width < 1 narrows every hidden layer of the image net."""
-  config = ml_collections.ConfigDict()
-  config.embed_dim = 1024
-  config.image_input = "pixels"   # or "features" (frozen-CNN features, dense layers only)
-  config.image_width = 1.0        # AlexNet widths: convs 96-256-384-384-256, fc 4096-4096
-  config.user_hidden = (1024,)    # Dense widths before the last [K] -> ... -> 1024
-  config.dropout = 0.5
-  config.dtype = "float32"
-  config.loss = ml_collections.ConfigDict()
-  config.loss.variant = "cdl"     # or "hinge", "twonets"
-  config.loss.margin = 1.0        # hinge only
-  return config
 
 
 def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
@@ -219,3 +205,8 @@ def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
              image_width=config.image_width, user_hidden=tuple(config.user_hidden),
              dropout=config.dropout, image_input=config.image_input,
              dtype=jnp.dtype(config.dtype), axis_name=axis_name)
+
+
+DATA = triplets.DATA
+init = triplets.init
+loss_fn = triplets.make_loss_fn(per_example_loss)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sempre_jax.models import du2mce, encoders
+from sempre_jax.models import encoders, triplets
+
 
 POST_ROLES = ("pos", "neg", "sem_anchor", "sem_pos", "sem_neg")
 
@@ -155,7 +156,7 @@ class DSempre(nn.Module):
     The posts of all roles go through the post branch together, so its
     BatchNorm statistics are those of every post of the batch.
     """
-    keys = ("tokens", "text_mask", "image_mask", du2mce.image_key(self.image_input))
+    keys = ("tokens", "text_mask", "image_mask", encoders.image_key(self.image_input))
     joined = {k: jnp.concatenate([batch[r][k] for r in POST_ROLES]) for k in keys}
     posts = jnp.split(self._posts(joined, train), len(POST_ROLES))
     return {"user": self._users(batch["user_bag"], train), **dict(zip(POST_ROLES, posts))}
@@ -187,23 +188,6 @@ def per_example_loss(out: Mapping, batch: Mapping, config: ml_collections.Config
   return cross + config.model.semantic_weight * semantic, {"cross": cross, "semantic": semantic}
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """D-Sempre's model and loss hyper-parameters (config.model)."""
-  config = ml_collections.ConfigDict()
-  config.embed_dim = 256
-  config.user_hidden = 512                        # user branch: K -> 512 -> D
-  config.word_dim = 300
-  config.branch_dim = 512                         # image and text branch outputs
-  config.conv_channels = (32, 64, 128, 128, 256)  # 5 conv 3x3 layers
-  config.pool_after = (0, 1)                      # 2x2 max-pool after conv 1 and 2
-  config.image_input = "pixels"                   # or "features" (frozen-CNN)
-  config.dropout = 0.5
-  config.bn_momentum = 0.9
-  config.semantic_weight = 0.3                    # lambda of Eq. 4
-  config.margin = 1.0                             # on the plain Euclidean distance
-  config.semantic_triplets = True                 # the pipeline adds sem_* triplets
-  config.dtype = "float32"
-  return config
 
 
 def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
@@ -218,3 +202,8 @@ def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
       pool_after=tuple(config.pool_after), image_input=config.image_input,
       dropout=config.dropout, bn_momentum=config.bn_momentum,
       dtype=jnp.dtype(config.dtype), axis_name=axis_name)
+
+
+DATA = triplets.DATA
+init = triplets.init
+loss_fn = triplets.make_loss_fn(per_example_loss)

@@ -1,20 +1,24 @@
-"""How are the towers wired?
+"""How does DU2MCE embed a post's text, its image and its author?
 
-DU2MCE: three independent towers (text, image, user) into one D-dim space.
-(The family models, D-Sempre, CDL and AMNL, live in modules of their own.)
+Three independent towers (text, image, user) into one D-dim space, trained on
+batches of posts with the pairwise hinge mixture of sempre_jax/losses.py over
+the global batch (the ModelDef of sempre_jax/models/__init__.py).
 """
 
 import os
 from collections.abc import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from input_pipeline import word2vec
+from sempre_jax import losses, mesh as mesh_lib
 from sempre_jax.models import encoders
 
+DATA = "posts"
 MODALITIES = ("text", "image", "user")
 
 
@@ -59,7 +63,7 @@ class DU2MCE(nn.Module):
     """
     emb = {
         "text": self.embed_text(batch["tokens"], batch["text_mask"]),
-        "image": self.embed_image(batch[image_key(self.image_input)]),
+        "image": self.embed_image(batch[encoders.image_key(self.image_input)]),
         "user": self.embed_user(batch["user"]),
     }
     if self.merge_content:
@@ -70,19 +74,46 @@ class DU2MCE(nn.Module):
     return emb
 
 
-def image_key(image_input: str) -> str:
-  """The batch key that holds the image input of this kind."""
-  return "image_features" if image_input == "features" else "image"
-
-
-def build_model(config: ml_collections.ConfigDict, metadata: Mapping) -> DU2MCE:
-  """The model of `config.model` sized for a dataset's metadata."""
+def build(config: ml_collections.ConfigDict, sizes: Mapping[str, int],
+          axis_name: str | None = None) -> DU2MCE:
+  """The model of `config.model` sized for a dataset (sizes: num_users,
+  vocab_size); the towers need no collectives (`axis_name` unused)."""
+  del axis_name
   return DU2MCE(
-      num_users=metadata["num_users"], vocab_size=metadata["vocab_size"],
+      num_users=sizes["num_users"], vocab_size=sizes["vocab_size"],
       embed_dim=config.embed_dim, word_dim=config.word_dim,
       user_dim=config.user_dim, text_widths=tuple(config.text_widths),
       text_filters=tuple(config.text_filters), image_input=config.image_input,
       dtype=jnp.dtype(config.dtype), merge_content=config.get("merge_content", False))
+
+
+def init(module: DU2MCE, rng, example: Mapping, config: ml_collections.ConfigDict,
+         data_dir: str) -> dict:
+  """Random towers; with config.model.init_from_word2vec (the paper, section
+  4.3) the word and user tables come from the data's word2vec_init.npz, which
+  must exist."""
+  params = jax.jit(module.init)(rng, example)["params"]
+  if config.model.init_from_word2vec:
+    if not os.path.exists(os.path.join(data_dir, word2vec.INIT_FILE)):
+      raise FileNotFoundError(
+          f"{os.path.join(data_dir, word2vec.INIT_FILE)} not found, but "
+          "model.init_from_word2vec=True: prepare the data with --word2vec_dim="
+          f"{config.model.word_dim}, or set --config.model.init_from_word2vec=False")
+    params = init_from_word2vec(params, data_dir)
+  return {"params": params}
+
+
+def loss_fn(module: DU2MCE, config: ml_collections.ConfigDict,
+            loss: ml_collections.ConfigDict):
+  """loss_fn(variables, local batch, rng) -> (local share of Eq. 1, metrics, {})."""
+  def fn(variables, batch, rng):
+    del rng
+    value, metrics = losses.du2mce_loss(
+        module.apply(variables, batch), batch, lambdas=(loss.l1, loss.l2),
+        margin=loss.margin, mining=loss.mining, axis_name=mesh_lib.AXIS,
+        candidate_chunk=loss.candidate_chunk, content_of_posts=module.merge_content)
+    return value, metrics, {}
+  return fn
 
 
 def init_from_word2vec(params: Mapping, data_dir: str) -> dict:

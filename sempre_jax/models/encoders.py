@@ -41,6 +41,11 @@ def check_image_input(image_input: str) -> str:
   return image_input
 
 
+def image_key(image_input: str) -> str:
+  """The batch key that holds the image input of this kind."""
+  return "image_features" if check_image_input(image_input) == "features" else "image"
+
+
 class ConvNet(nn.Module):
   """Pixels uint8 [B, H, W, 3] -> conv 3x3 + ReLU per entry of `channels`, a
   2x2 max-pool after the layers listed in `pool_after`, global mean pool:

@@ -26,10 +26,10 @@ tab-separated): the planted topics of the embedded corpus, or a field of the
 posts (launch/prepare_data.py --interest_field).
 """
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
+import ml_collections
 import numpy as np
 from scipy import sparse
 from sklearn.metrics import f1_score
@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from input_pipeline import loader, records, word2vec
-from sempre_jax.analysis import space
+from sempre_jax.evals import retrieval
 
 CHANCE = "chance"
 
@@ -156,24 +156,53 @@ def baseline_features(data_dir: str, metadata: Mapping, word2vec_dim: int = 300,
   return counts, features, notes
 
 
-# --------------------------------------------------------------------- job --
+# --------------------------------------------------------------- evaluator --
 
-def evaluate_workdir(workdir: str, checkpoint: str = "best", folds: int = 5,
-                     seed: int = 0) -> dict:
-  """Interest F1 of a checkpoint's user embeddings beside the averaged
-  baselines, on the users with a training post; writes interests_stepN.json."""
-  embeddings = space.Space.restore(workdir, checkpoint)
-  data_dir, num_users = embeddings.data_dir, embeddings.metadata["num_users"]
-  labels, member = read_interests(data_dir, num_users)
-  counts, baselines, notes = baseline_features(data_dir, embeddings.metadata, seed=seed)
-  features = {"model": embeddings.users(np.arange(num_users)), **baselines}
-  users = np.flatnonzero(counts > 0)
-  results = interest_f1({k: v[users] for k, v in features.items()}, labels,
-                        member[users], folds, seed)
-  results.update(workdir=os.path.abspath(workdir), step=embeddings.step, notes=notes)
-  with open(os.path.join(workdir, f"interests_step{embeddings.step}.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  return results
+class Interests:
+  """Interest F1 of a model's user tower beside the averaged baselines, on the
+  users with a training post (an evaluator: config.evals.<name> with type
+  "interests", folds, seed; its score is -macro-F1 of the model). The labels,
+  folds and baselines are fixed when it is built; each run embeds the users
+  and cross-validates the model's features only."""
+
+  def __init__(self, config: ml_collections.ConfigDict, exp, mesh):
+    if exp.model_def.DATA != "posts":
+      raise ValueError(f"the interests evaluator needs a model of posts with a user tower, "
+                       f"not {exp.config.model.name}")
+    self.config = config
+    self.folds, self.seed = config.get("folds", 5), config.get("seed", 0)
+    num_users = exp.metadata["num_users"]
+    labels, member = read_interests(exp.data_dir, num_users)
+    counts, baselines, self.notes = baseline_features(
+        exp.data_dir, exp.metadata, exp.config.model.word_dim, seed=self.seed)
+    self.users = np.flatnonzero(counts > 0)
+    self.labels, self.member = labels, member[self.users]
+    self.baselines = interest_f1({k: v[self.users] for k, v in baselines.items()}, labels,
+                                 self.member, self.folds, self.seed)
+    self.embedder = retrieval.Embedder(exp.module, config.get("batch_size", 1000), mesh)
+
+  def run(self, variables) -> dict:
+    users = np.asarray(self.embedder(variables["params"], "user",
+                                     self.users.astype(np.int32)))
+    model = interest_f1({"model": users}, self.labels, self.member, self.folds, self.seed)
+    results = {**self.baselines, "features": ["model", *self.baselines["features"]],
+               "macro_f1": {**model["macro_f1"], **self.baselines["macro_f1"]},
+               "labels": {k: {**row, **model["labels"][k]}
+                          for k, row in self.baselines["labels"].items()},
+               "notes": self.notes}
+    return results
+
+  def score(self, results: Mapping) -> float:
+    return -results["macro_f1"]["model"]
+
+  def format(self, results: Mapping) -> str:
+    return format_table(results)
+
+  def scalars(self, results: Mapping) -> dict:
+    return {("macro_f1", k): v for k, v in results["macro_f1"].items()}
+
+
+build = Interests
 
 
 def format_table(results: Mapping) -> str:
