@@ -43,19 +43,22 @@ class Checkpoints:
                                   keep_checkpoints_without_metrics=False)])
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=_score, best_mode="min", create=True))
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
+    # Scores of the saved steps (those being written asynchronously included).
+    self.scores = {step: _score(m) for step in self.manager.all_steps()
+                   if (m := self.manager.metrics(step)) is not None}
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The step with the lowest validation score (None: no scored checkpoint)."""
-    return self.manager.best_step()
+    """The step with the lowest validation score, the later of equal ones
+    (None: no scored checkpoint)."""
+    return max(self.scores, key=lambda s: (-self.scores[s], s), default=None)
 
   def best_score(self) -> float | None:
     step = self.best_step()
-    return None if step is None else _score(self.manager.metrics(step))
+    return None if step is None else self.scores[step]
 
   def save(self, step: int, state, data_state: Mapping, score: float | None = None) -> None:
     """Saves (asynchronously) the state and the iterator position at `step`,
@@ -63,6 +66,8 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))),
         metrics=None if score is None else {"score": float(score)}, force=True)
+    if score is not None:
+      self.scores[step] = float(score)
 
   def restore(self, step: int, abstract_state, with_data: bool = True):
     """(state laid out like `abstract_state`, iterator position or None)."""
