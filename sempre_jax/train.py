@@ -306,9 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   variables = exp.init_variables(jax.random.key(config.seed), example)
   stage_of = lambda step: next(i for i, s in enumerate(stages) if step <= s.end_step)
 
-  def state_for(stage: Stage, variables: Mapping) -> TrainState:
-    tx = make_optimizer(config, steps_per_epoch, stage.frozen)
-    return jax.device_put(create_train_state(variables, tx), NamedSharding(mesh, P()))
+  def state_for(stage: Stage, variables: Mapping, step: int = 0) -> TrainState:
+    """A train state of `stage` at `step`, with a fresh optimizer."""
+    state = create_train_state(variables, make_optimizer(config, steps_per_epoch, stage.frozen))
+    return jax.device_put(state.replace(step=step), NamedSharding(mesh, P()))
 
   os.makedirs(workdir, exist_ok=True)
   if lead:
@@ -341,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     for step in range(start + 1, total_steps + 1):
       stage = stage_of(step)
       if stage and step == stages[stage - 1].end_step + 1:
-        state = state_for(stages[stage], state.variables())     # a fresh optimizer
+        state = state_for(stages[stage], state.variables(), state.step)
       state, sums = steps[stage](state, sums, next(data_iter))
       preempted = preemption.reached(step)
       due = [n for n, e in periodic.items()

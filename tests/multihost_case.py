@@ -6,9 +6,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from sempre_jax import mesh as mesh_lib, tasks, train
+from sempre_jax import mesh as mesh_lib, train
 from sempre_jax.evals import ranks
-from sempre_jax.models import du2mce as models
+from sempre_jax.models import du2mce as du2mce_model
 
 GLOBAL_BATCH = 8
 
@@ -31,7 +31,7 @@ def one_step(process_index: int, process_count: int):
   """(loss, flat params) after one step; each process feeds its slice of the batch."""
   config = du2mce.get_config()
   config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
-  model = models.build_model(config.model, {"num_users": 5, "vocab_size": 20})
+  model = du2mce_model.build(config.model, {"num_users": 5, "vocab_size": 20})
   batch = global_batch()
   tx = train.make_optimizer(config, steps_per_epoch=10)
   state = train.create_train_state(model.init(jax.random.key(0), batch), tx)
@@ -39,12 +39,13 @@ def one_step(process_index: int, process_count: int):
   state = jax.device_put(state, NamedSharding(mesh, P()))
   per = GLOBAL_BATCH // process_count
   local = jax.tree.map(lambda x: x[process_index * per:(process_index + 1) * per], batch)
-  state, metrics = train.make_train_step(
-      tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2)), mesh)(
-      state, mesh_lib.shard_batch(mesh, local))
+  step, zero_sums = train.make_train_step(du2mce_model.loss_fn(model, config, config.loss),
+                                         mesh)
+  batch = mesh_lib.shard_batch(mesh, local)
+  state, sums = step(state, zero_sums(state, batch), batch)
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}
-  return float(metrics["loss"].addressable_data(0)), params
+  return float(sums["loss"].addressable_data(0)), params
 
 
 def rank_case() -> tuple[np.ndarray, np.ndarray, ranks.GroundTruth]:

@@ -1,5 +1,7 @@
-"""The sharded train step against one device, and the main job end to end."""
+"""The sharded train step against one device, training stages, guards on a
+workdir's config and data, and the main job end to end."""
 
+import hashlib
 import json
 import os
 import re
@@ -13,9 +15,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from input_pipeline import loader, synthetic
-from sempre_jax import mesh as mesh_lib, tasks, train
-from sempre_jax.models import du2mce as models
+from sempre_jax import checkpoints, mesh as mesh_lib, train
+from sempre_jax.experiment import Experiment
+from sempre_jax.models import du2mce as du2mce_model
+from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=64", "--config.num_epochs=8",
@@ -25,50 +28,55 @@ TINY = ["--config.batch_size=64", "--config.num_epochs=8",
         "--config.model.embed_dim=32", "--config.model.word_dim=16",
         "--config.model.user_dim=16", "--config.model.text_filters=(16, 16, 16)",
         "--config.learning_rate=0.003", "--config.log_every_steps=5",
-        "--config.checkpoint_every_steps=10", "--config.eval.batch_size=128",
-        "--config.eval.every_steps=20"]
+        "--config.checkpoint_every_steps=10", "--config.evals.val.batch_size=128",
+        "--config.evals.test.batch_size=128", "--config.evals.val.every_steps=20"]
 
 
-def _tiny_config():
+def _small_config():
+  """A 12-user embedded corpus and 8-d towers: a few seconds per run."""
   config = du2mce.get_config()
+  config.data.embedded.update(num_users=12, num_topics=3, posts_per_user=10, feature_dim=8)
   config.model.update(embed_dim=16, word_dim=8, user_dim=8, text_filters=(8, 8, 8))
+  config.update(batch_size=16, checkpoint_every_steps=1000, log_every_steps=1000)
+  for block in config.evals.values():
+    block.batch_size = 64
   return config
 
 
-def _train_step(model, config, mesh):
-  loss_fn = tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2))
-  return train.make_train_step(loss_fn, mesh)
+def _one_step(module, config, mesh):
+  """(step, zero_sums) of DU2MCE's loss with the config's loss settings."""
+  return train.make_train_step(du2mce_model.loss_fn(module, config, config.loss), mesh)
 
 
 @pytest.fixture(scope="module")
-def batch_and_model(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("data"))
-  spec = synthetic.CorpusSpec(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
-  meta = synthetic.write_corpus(spec, d, {"test": 0.1})
-  it = loader.train_iterator(d, meta, batch_size=16, image_input="features",
-                             image_key="image_features", seed=0)
-  batch = next(it)
+def experiment(tmp_path_factory):
+  """A small prepared embedded corpus, its Experiment and a training batch."""
+  config = _small_config()
+  workdir = tmp_path_factory.mktemp("small")
+  exp = Experiment(config, *conftest.prepared(config, workdir), str(workdir))
+  batch = next(iter(exp.data.train_dataset(16, 0, 1)))
   assert batch["image_mask"].any() and not batch["image_mask"].all()
-  return batch, models.build_model(_tiny_config().model, meta)
+  return exp, batch
 
 
 @pytest.mark.parametrize("mining", ["all", "hardest"])
-def test_four_devices_match_one_device(batch_and_model, mining):
+def test_four_devices_match_one_device(experiment, mining):
   if jax.device_count() < 4:
     pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-  batch, model = batch_and_model
-  config = _tiny_config()
+  exp, batch = experiment
+  config = _small_config()
   config.loss.mining = mining
   tx = train.make_optimizer(config, steps_per_epoch=10)
-  init = train.create_train_state(model.init(jax.random.key(0), batch), tx)
+  init = train.create_train_state(exp.init_variables(jax.random.key(0), batch), tx)
   out = {}
   for n in (1, 4):
     mesh = mesh_lib.make_mesh(n)
     state = jax.device_put(jax.tree.map(np.array, init), NamedSharding(mesh, P()))
-    step = _train_step(model, config, mesh)
+    step, zero_sums = _one_step(exp.module, config, mesh)
+    sums = zero_sums(state, mesh_lib.shard_batch(mesh, batch))
     for _ in range(2):
-      state, metrics = step(state, mesh_lib.shard_batch(mesh, batch))
-    out[n] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
+      state, sums = step(state, sums, mesh_lib.shard_batch(mesh, batch))
+    out[n] = (float(sums["loss"]), jax.tree.map(np.asarray, state.params))
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
@@ -77,17 +85,27 @@ def test_four_devices_match_one_device(batch_and_model, mining):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def _run_main(workdir):
+def _run_main(workdir, *extra):
   return subprocess.run(
       [sys.executable, "launch/train.py", "--config=configs/du2mce.py",
-       f"--workdir={workdir}", *TINY], cwd=ROOT, capture_output=True, text=True,
+       f"--workdir={workdir}", *TINY, *extra], cwd=ROOT, capture_output=True, text=True,
       timeout=300)
+
+
+def _tree_digest(path) -> dict:
+  """{relative path: sha256} of every file under `path`."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+  return out
 
 
 def test_main_job_trains_evaluates_and_resumes(tmp_path):
   first = _run_main(tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert "Wrote the embedded corpus" in first.stdout
+  assert "launch/prepare_data.py" in first.stdout      # the command it ran, printed
   assert "posts/s" in first.stdout and "ETA" in first.stdout
   assert "oracle med" in first.stdout
   results = json.load(open(tmp_path / "eval_test.json"))
@@ -98,11 +116,11 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
     assert model["median_rank"] < 0.5 * model["random_median_rank"], (task, model)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
-  # Validation every 20 steps; the best score's state is the one kept and tested.
+  # Validation every 20 steps; the best score's state is kept and tested.
   log = [json.loads(line) for line in open(tmp_path / train.VALIDATION_LOG)]
   assert [v["step"] for v in log] == [20, 40, 60, 80, 100, 112]
   best = min(log, key=lambda v: (v["score"], -v["step"]))     # ties: the later step
-  assert os.listdir(tmp_path / train.BEST_DIR) == [str(best["step"])]
+  assert checkpoints.find_step(str(tmp_path), "best") == best["step"]
   again = subprocess.run([sys.executable, "launch/evaluate.py", f"--workdir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -112,48 +130,51 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
 
   _check_export(tmp_path)
 
+  # Another data dir, or another loss, on this workdir: refused, nothing changed.
+  before = _tree_digest(tmp_path)
+  for extra, key in ((f"--config.data.dir={tmp_path / 'data'}", "data.dir"),
+                     ("--config.loss.l1=0.3", "loss.l1")):
+    refused = _run_main(tmp_path, extra)
+    assert refused.returncode == 1 and key in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert _tree_digest(tmp_path) == before
+
   second = _run_main(tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resuming from the checkpoint at step" in second.stdout
-  assert "Wrote the embedded corpus" not in second.stdout
+  assert "launch/prepare_data.py" not in second.stdout       # the data is reused
   assert "posts/s" not in second.stdout        # nothing left to train
   assert json.load(open(tmp_path / "eval_test.json")) == results
 
 
 def test_pixel_encoder_trains_on_encoded_images(tmp_path):
-  spec = synthetic.CorpusSpec(num_users=8, num_topics=2, posts_per_user=6, feature_dim=4,
-                              image_size=16, image_fraction=0.8)
-  meta = synthetic.write_corpus(spec, str(tmp_path), {"test": 0.1})
-  config = _tiny_config()
+  config = _small_config()
+  config.data.embedded.update(image_size=16, image_fraction=0.8)
   config.model.image_input = "pixels"
-  model = models.build_model(config.model, meta)
-  it = loader.train_iterator(str(tmp_path), meta, batch_size=8, image_input="pixels",
-                             image_key="image", seed=0)
-  batch = next(it)
+  exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
+  batch = next(iter(exp.data.train_dataset(8, 0, 1)))
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
   assert batch["image"][batch["image_mask"]].std() > 10        # real pictures
   assert not batch["image"][~batch["image_mask"]].any()        # missing -> zeros
   mesh = mesh_lib.make_mesh(1)
-  state = train.create_train_state(model.init(jax.random.key(0), batch),
+  state = train.create_train_state(exp.init_variables(jax.random.key(0), batch),
                                    train.make_optimizer(config, 10))
-  step = _train_step(model, config, mesh)
+  step, zero_sums = _one_step(exp.module, config, mesh)
   before = np.asarray(state.params["image"]["convnet"]["conv0"]["kernel"])
-  state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
-                        mesh_lib.shard_batch(mesh, batch))
-  assert np.isfinite(float(metrics["loss"])) and metrics["it_pairs"] > 0
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state, sums = step(state, zero_sums(state, mesh_lib.shard_batch(mesh, batch)),
+                     mesh_lib.shard_batch(mesh, batch))
+  assert np.isfinite(float(sums["loss"])) and sums["it_pairs"] > 0
   assert np.abs(np.asarray(state.params["image"]["convnet"]["conv0"]["kernel"]) - before).max() > 0
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
   """Training 2 epochs, then resuming to 4, equals 4 epochs in one go (bitwise)."""
-  config = _tiny_config()
-  config.data.embedded.update(num_users=12, num_topics=3, posts_per_user=10, feature_dim=8)
-  config.update(batch_size=16, checkpoint_every_steps=1000, log_every_steps=1000)
-  config.eval.batch_size = 64
+  config = _small_config()
 
   def run(workdir, epochs):
     config.num_epochs = epochs
-    return train.train_and_evaluate(config, str(workdir))[0]
+    return conftest.run(config, workdir)[0]
 
   whole = run(tmp_path / "whole", 4)
   run(tmp_path / "split", 2)
@@ -163,10 +184,46 @@ def test_interrupted_run_resumes_exactly(tmp_path):
                jax.tree.map(np.asarray, whole.params))
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
-  batch, model32 = batch_and_model
+def test_a_new_stage_starts_a_fresh_optimizer(tmp_path):
+  """Bridging: text-user, then image-text with the text and user towers frozen.
+  The image tower's first update of stage 2 is at most the learning rate per
+  parameter (Adam's first step, |m/sqrt(v)| = 1), not several times it as with
+  moments carried over; the frozen towers do not move."""
+  config = _small_config()
+  config.update_from_flattened_dict(du2mce.VARIANTS["bridging"])
+  config.update(num_epochs=4, checkpoint_every_steps=1, learning_rate=1e-3)
+  config.model.init_from_word2vec = False
+  del config.evals["val"]
+  config.best = ""
+  conftest.run(config, tmp_path)
+  exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
+  boundary = exp.stages(exp.data.num_train // config.batch_size)[0].end_step
+  at, after = (checkpoints.restore_variables(str(tmp_path), s)["params"]
+               for s in (boundary, boundary + 1))
+  delta = jax.tree.map(lambda a, b: np.abs(b - a).max(), at, after)
+  assert 0 < max(jax.tree.leaves(delta["image"])) <= 1.5 * config.learning_rate, delta["image"]
+  assert max(jax.tree.leaves({k: delta[k] for k in ("text", "user")})) == 0
+
+
+def test_a_missing_word2vec_init_or_validation_split_stops_before_training(tmp_path):
+  config = _small_config()
+  data_dir, metadata = conftest.prepared(config, tmp_path / "made")
+  os.remove(os.path.join(data_dir, "word2vec_init.npz"))
+  with pytest.raises(FileNotFoundError, match="init_from_word2vec"):
+    train.train_and_evaluate(config, str(tmp_path / "a"), data_dir, metadata)
+  assert not (tmp_path / "a").exists()
+  config.model.init_from_word2vec = False
+  config.evals.val.split = "nosuchsplit"
+  with pytest.raises(ValueError, match="config.evals.val"):
+    train.train_and_evaluate(config, str(tmp_path / "b"), data_dir, metadata)
+  assert not (tmp_path / "b").exists()
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_loss(experiment):
+  exp, batch = experiment
+  model32 = exp.module
   model16 = model32.clone(dtype=jnp.bfloat16)
-  config = _tiny_config()
+  config = _small_config()
   state = train.create_train_state(model16.init(jax.random.key(0), batch),
                                    train.make_optimizer(config, 10))
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
@@ -177,10 +234,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_loss(batch_and_model):
     assert emb16[k].dtype == jnp.float32
     np.testing.assert_allclose(emb16[k], emb32[k], atol=2e-2)
   mesh = mesh_lib.make_mesh(1)
-  step = _train_step(model16, config, mesh)
-  state, metrics = step(jax.device_put(state, NamedSharding(mesh, P())),
-                        mesh_lib.shard_batch(mesh, batch))
-  assert np.isfinite(float(metrics["loss"]))
+  step, zero_sums = _one_step(model16, config, mesh)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state, sums = step(state, zero_sums(state, mesh_lib.shard_batch(mesh, batch)),
+                     mesh_lib.shard_batch(mesh, batch))
+  assert np.isfinite(float(sums["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
 
