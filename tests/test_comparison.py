@@ -5,41 +5,40 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from input_pipeline import loader, synthetic
-from sempre_jax import losses, mesh as mesh_lib, tasks, train
+from sempre_jax import losses, mesh as mesh_lib, train
 from sempre_jax.analysis import comparison
-from sempre_jax.models import du2mce as models
+from sempre_jax.experiment import Experiment
+from tests import conftest
 
 TINY = {"data.embedded.num_users": 30, "data.embedded.num_topics": 6,
         "data.embedded.posts_per_user": 30, "data.embedded.feature_dim": 16,
         "data.embedded.signal": 1.0, "model.embed_dim": 16, "model.word_dim": 8,
         "model.user_dim": 8, "model.text_filters": (8, 8, 8), "batch_size": 64,
         "num_epochs": 10, "learning_rate": 0.01, "log_every_steps": 1000,
-        "eval.batch_size": 128, "eval.every_steps": 0}
+        "evals.val.batch_size": 128, "evals.test.batch_size": 128, "evals.val.every_steps": 0}
 
 
-def _batch(tmp_path):
-  spec = synthetic.CorpusSpec(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
-  meta = synthetic.write_corpus(spec, str(tmp_path), {"test": 0.1})
-  it = loader.train_iterator(str(tmp_path), meta, batch_size=16, image_input="features",
-                             image_key="image_features", seed=0)
-  return next(it), meta
+def _experiment(tmp_path, variant):
+  """(experiment of a tiny `variant` config, one training batch)."""
+  config = du2mce.get_config(variant)
+  config.data.embedded.update(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
+  config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
+  exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
+  return exp, next(iter(exp.data.train_dataset(16, 0, 1)))
 
 
 def test_frozen_towers_do_not_move(tmp_path):
-  batch, meta = _batch(tmp_path)
-  config = du2mce.get_config("bridging")
-  config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
-  model = models.build_model(config.model, meta)
+  exp, batch = _experiment(tmp_path, "bridging")
+  stage = exp.stages(10)[1]                   # image-text, text and user frozen
   mesh = mesh_lib.make_mesh(1)
   state = jax.device_put(train.create_train_state(
-      model.init(jax.random.key(0), batch), train.make_optimizer(config, 10)),
-      NamedSharding(mesh, P()))
+      exp.init_variables(jax.random.key(0), batch),
+      train.make_optimizer(exp.config, 10, stage.frozen)), NamedSharding(mesh, P()))
   before = jax.tree.map(np.asarray, state.params)
-  step = train.make_train_step(tasks.du2mce_loss_fn(model, config.loss, (0.0, 1.0)), mesh,
-                               frozen=("text", "user"))
+  step, zero_sums = train.make_train_step(exp.loss_fn(stage), mesh)
+  sums = zero_sums(state, mesh_lib.shard_batch(mesh, batch))
   for _ in range(2):
-    state, _ = step(state, mesh_lib.shard_batch(mesh, batch))
+    state, sums = step(state, sums, mesh_lib.shard_batch(mesh, batch))
   after = jax.tree.map(np.asarray, state.params)
   for tower in ("text", "user"):
     jax.tree.map(np.testing.assert_array_equal, after[tower], before[tower])
@@ -47,10 +46,8 @@ def test_frozen_towers_do_not_move(tmp_path):
 
 
 def test_merged_content_pairs_every_post_with_its_user(tmp_path):
-  batch, meta = _batch(tmp_path)
-  config = du2mce.get_config("merged")
-  config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
-  model = models.build_model(config.model, meta)
+  exp, batch = _experiment(tmp_path, "merged")
+  model = exp.module
   variables = model.init(jax.random.key(0), batch)
   emb = model.apply(variables, batch)
   plain = model.clone(merge_content=False).apply(variables, batch)
