@@ -45,3 +45,17 @@ def trained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   run(tiny_config(), workdir)
   return workdir
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+  """(data dir, metadata) of 32 five-word posts of 4 users, train split only."""
+  import numpy as np
+  from input_pipeline import records
+  rng = np.random.default_rng(0)
+  posts = [dict(post_id=f"p{i}", user=i % 4, tokens=rng.integers(2, 12, 5)) for i in range(32)]
+  meta = {"num_users": 4, "vocab_size": 12, "max_len": records.MAX_LEN, "feature_dim": 0,
+          "image_size": 0, "num_images": 0,
+          "splits": {"train": records.write_split(str(tmp_path), "train", posts, 2)}}
+  records.write_metadata(str(tmp_path), meta)
+  return str(tmp_path), meta

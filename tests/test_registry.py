@@ -80,17 +80,6 @@ class CountingEvaluator:
     return {("norm",): results["norm"]}
 
 
-@pytest.fixture
-def toy_data(tmp_path):
-  rng = np.random.default_rng(0)
-  posts = [dict(post_id=f"p{i}", user=i % 4, tokens=rng.integers(2, 12, 5)) for i in range(32)]
-  meta = {"num_users": 4, "vocab_size": 12, "max_len": records.MAX_LEN, "feature_dim": 0,
-          "image_size": 0, "num_images": 0,
-          "splits": {"train": records.write_split(str(tmp_path), "train", posts, 2)}}
-  records.write_metadata(str(tmp_path), meta)
-  return str(tmp_path), meta
-
-
 def test_a_registered_model_and_evaluator_train_through_the_trainer(tmp_path, toy_data):
   models.register("toy", Toy())
   evals.register("counting", type("Counting", (), {"build": CountingEvaluator}))
