@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline.cnn import weights
+from input_pipeline.cnn.layers import Conv1x1, DepthwiseConv
 
 # One row per stage: (repeats, kernel, first stride, expansion, output channels).
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -45,11 +46,9 @@ class MBConv(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     inputs, c = x, x.shape[-1] * self.expand
     if self.expand != 1:
-      x = nn.relu6(_bn("_bn0")(nn.Conv(c, (1, 1), use_bias=False, name="_expand_conv")(x)))
-    x = nn.Conv(c, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                feature_group_count=c, use_bias=False, name="_depthwise_conv")(x)
-    x = nn.relu6(_bn("_bn1")(x))
-    x = _bn("_bn2")(nn.Conv(self.out, (1, 1), use_bias=False, name="_project_conv")(x))
+      x = nn.relu6(_bn("_bn0")(Conv1x1(c, name="_expand_conv")(x)))
+    x = nn.relu6(_bn("_bn1")(DepthwiseConv(self.kernel, self.stride, name="_depthwise_conv")(x)))
+    x = _bn("_bn2")(Conv1x1(self.out, name="_project_conv")(x))
     if self.stride == 1 and inputs.shape[-1] == self.out:
       x = x + inputs
     return x
@@ -69,7 +68,7 @@ class EfficientNetLite0(nn.Module):
       for r in range(repeats):
         x = MBConv(out, kernel, stride if r == 0 else 1, expand, name=f"_blocks_{i}")(x)
         i += 1
-    x = nn.Conv(HEAD, (1, 1), use_bias=False, name="_conv_head")(x)
+    x = Conv1x1(HEAD, name="_conv_head")(x)
     x = jnp.mean(nn.relu6(_bn("_bn1")(x)), axis=(1, 2))
     if pooled:
       return x

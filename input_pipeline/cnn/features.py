@@ -18,6 +18,7 @@ torchvision-named ResNet-152 weights file, 2048-d), "none" (no features).
 """
 
 import dataclasses
+import functools
 import os
 import sys
 import warnings
@@ -109,6 +110,25 @@ def image_files(root: str) -> dict[str, str]:
   return out
 
 
+@functools.lru_cache(maxsize=4)
+def _pooled(model: nn.Module, mesh: Mesh):
+  return jax.jit(lambda v, x: model.apply(v, x, pooled=True),
+                 out_shardings=NamedSharding(mesh, P("data")))
+
+
+def sharded_forward(encoder: Encoder, batch_size: int):
+  """(batch size rounded up to a multiple of the local device count, forward):
+  forward(uint8 [batch, 224, 224, 3]) -> pooled [batch, F], a jax.Array split
+  over the local devices along the batch (dispatched asynchronously)."""
+  devices = jax.local_devices()
+  batch_size = -(-batch_size // len(devices)) * len(devices)
+  mesh = Mesh(np.array(devices), ("data",))
+  variables = jax.device_put(encoder.variables, NamedSharding(mesh, P()))
+  apply = _pooled(encoder.model, mesh)
+  return batch_size, lambda pixels: apply(variables, jax.device_put(
+      pixels, NamedSharding(mesh, P("data"))))
+
+
 def extract_features(images: Mapping[str, str], encoder: str | Encoder, out: str | None = None,
                      batch_size: int = 64, workers: int = 0,
                      progress: bool = True) -> dict[str, np.ndarray]:
@@ -123,22 +143,17 @@ def extract_features(images: Mapping[str, str], encoder: str | Encoder, out: str
     if parse_spec(encoder)[0] == "none":
       raise ValueError("image encoder 'none' extracts no features")
     encoder = load_encoder(encoder)
-  devices = jax.local_devices()
-  batch_size = -(-batch_size // len(devices)) * len(devices)
-  mesh = Mesh(np.array(devices), ("data",))
-  variables = jax.device_put(encoder.variables, NamedSharding(mesh, P()))
-  apply = jax.jit(lambda v, x: encoder.model.apply(v, x, pooled=True),
-                  out_shardings=NamedSharding(mesh, P("data")))
+  batch_size, forward = sharded_forward(encoder, batch_size)
   keys = list(images)
   chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
-  features, skipped = {}, []
+  vectors, skipped = {}, []
   bar = tqdm(total=len(keys), unit="img", desc=f"{encoder.name} features", file=sys.stderr,
              disable=not progress, smoothing=0.1)
 
   def collect(done):
     kept, result, n = done
     result = np.asarray(result)
-    features.update((k, result[j]) for j, k in enumerate(kept))
+    vectors.update((k, result[j]) for j, k in enumerate(kept))
     bar.update(n)
 
   with futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
@@ -157,7 +172,7 @@ def extract_features(images: Mapping[str, str], encoder: str | Encoder, out: str
           kept.append(k)
         except images_lib.ImageError as e:
           skipped.append(f"{images[k]}: {e}")
-      result = apply(variables, jax.device_put(pixels, NamedSharding(mesh, P("data"))))
+      result = forward(pixels)
       if previous:
         collect(previous)
       previous = (kept, result, len(chunk))
@@ -167,6 +182,6 @@ def extract_features(images: Mapping[str, str], encoder: str | Encoder, out: str
   if skipped:
     print(f"Skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
   if out:
-    weights.write_npz(out, features)
-  return features
+    weights.write_npz(out, vectors)
+  return vectors
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline.cnn import weights
+from input_pipeline.cnn.layers import Conv1x1
 
 RESNET152 = (3, 8, 36, 3)
 WIDTHS = (64, 128, 256, 512)
@@ -50,14 +51,13 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     out = EXPANSION * self.width
-    y = nn.relu(_bn("bn1")(nn.Conv(self.width, (1, 1), use_bias=False, name="conv1")(x)))
+    y = nn.relu(_bn("bn1")(Conv1x1(self.width, name="conv1")(x)))
     y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), padding=_pad(3),
                 use_bias=False, name="conv2")(y)
     y = nn.relu(_bn("bn2")(y))
-    y = _bn("bn3")(nn.Conv(out, (1, 1), use_bias=False, name="conv3")(y))
+    y = _bn("bn3")(Conv1x1(out, name="conv3")(y))
     if self.stride != 1 or x.shape[-1] != out:
-      x = nn.Conv(out, (1, 1), (self.stride, self.stride), use_bias=False, name="downsample_0")(x)
-      x = _bn("downsample_1")(x)
+      x = _bn("downsample_1")(Conv1x1(out, self.stride, name="downsample_0")(x))
     return nn.relu(x + y)
 
 

@@ -60,9 +60,12 @@ class _Tensor:
 
   def build(self, storages: Mapping[str, np.ndarray]) -> np.ndarray:
     data = storages[self.storage]
+    numbers = self.size + self.stride + (self.offset,)
+    if len(self.size) != len(self.stride) or not all(
+        isinstance(v, int) and v >= 0 for v in numbers):
+      raise ValueError(f"a malformed tensor (size {self.size}, stride {self.stride})")
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-    if (min(self.size + self.stride + (self.offset,), default=0) < 0
-        or (0 not in self.size and last >= data.size)):
+    if 0 not in self.size and last >= data.size:
       raise ValueError(f"a tensor {self.size} reaches outside its storage of {data.size} elements")
     if not self.size:
       return np.array(data[self.offset])
@@ -138,9 +141,10 @@ def _read_legacy(path: str):
     def load(storage=None):
       return _Unpickler(f, storage or (lambda pid: None)).load()
     if load() != LEGACY_MAGIC:
-      raise ValueError(f"{path}: not a torch.save file (neither a zip archive nor the legacy format)")
+      raise ValueError(f"{path}: not a torch.save file (neither zip nor legacy format)")
     load()   # protocol version
-    load()   # system info (endianness, type sizes)
+    if not load().get("little_endian", True):   # system info
+      raise ValueError(f"{path}: a big-endian legacy torch file is not supported")
     dtypes, views = {}, {}
 
     def storage(pid):   # ('storage', type, root key, location, numel, view or None)
