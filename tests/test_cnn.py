@@ -16,7 +16,10 @@ import skimage.data
 from PIL import Image
 
 from input_pipeline import prepare
-from input_pipeline.cnn import efficientnet_lite, features, resnet, weights
+from input_pipeline.cnn import efficientnet_lite, features, layers, resnet, weights
+
+TWEET_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                            "shared", "data", "mediaeval2016", "images")
 
 CATS = {281, 282, 283, 284, 285}          # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = {967, 968, 504}                  # espresso, cup, coffee mug
@@ -184,6 +187,25 @@ def test_input_scaling_matches_the_stem_batch_norm_statistics(lite0, photos):
   assert 0.5 < stem_variance_ratio(efficientnet_lite.MEAN_RGB, efficientnet_lite.STDDEV_RGB) < 2
   imagenet = 255 * np.array([0.485, 0.456, 0.406]), 255 * np.array([0.229, 0.224, 0.225])
   assert stem_variance_ratio(*imagenet) > 2   # 3.6: the check tells the two apart
+
+
+def test_weights_expect_tensorflow_same_padding(lite0, monkeypatch):
+  """Over 64 real tweet photos, predictions are surer (lower entropy, by 0.3 nats)
+  with TensorFlow's SAME padding than with PyTorch's symmetric k // 2 padding."""
+  if not os.path.isdir(TWEET_IMAGES):
+    pytest.skip(f"real data not found at {TWEET_IMAGES}")
+  model, variables, logits = lite0
+  pixels = np.stack([features.load_pixels(p)
+                     for p in sorted(features.image_files(TWEET_IMAGES).values())[:64]])
+
+  def entropy(logits):
+    p = np.asarray(jax.nn.softmax(logits))
+    return np.mean(-np.sum(p * np.log(p + 1e-12), axis=1))
+
+  same = entropy(np.concatenate([logits(pixels[i:i + 4]) for i in range(0, 64, 4)]))
+  monkeypatch.setattr(layers, "same_padding", lambda size, kernel, stride: (kernel // 2,) * 2)
+  symmetric = entropy(jax.jit(lambda x: model.apply(variables, x))(pixels))
+  assert same < symmetric - 0.15, (same, symmetric)
 
 
 def _same_conv(torch, x, w, stride, groups=1):

