@@ -4,11 +4,12 @@ by the tests of the analysis tools (evaluate, export, interests, clusters, query
 import os
 import sys
 
-# Must be set before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chex
+import pytest
 
-import pytest  # noqa: E402
+# Before JAX initialises its backends; sets XLA_FLAGS, which subprocesses inherit.
+chex.set_n_cpu_devices(4)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config():

@@ -1,6 +1,7 @@
 """The family models through the shared trainer: 4 devices = 1 device, and each
 config trains end to end on the embedded corpus and beats random."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_four_devices_match_one_device(tmp_path, name):
     out[n] = (float(sums["loss"]) / 2, mesh_lib.to_host(state.variables()))
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), out[4][1], out[1][1])
+  chex.assert_trees_all_close(out[4][1], out[1][1], atol=2e-4)
 
 
 @pytest.mark.parametrize("name", ["dsempre", "cdl", "amnl"])

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,8 +80,7 @@ def test_four_devices_match_one_device(experiment, mining):
     out[n] = (float(sums["loss"]), jax.tree.map(np.asarray, state.params))
   assert out[1][0] > 0
   np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               out[4][1], out[1][1])
+  chex.assert_trees_all_close(out[4][1], out[1][1], atol=1e-5)
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), out[1][1], init.params)
   assert max(jax.tree.leaves(moved)) > 0
 
