@@ -26,6 +26,7 @@ import io
 import json
 import os
 import struct
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import google_crc32c
@@ -40,6 +41,7 @@ METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
 USERS_FILE = "users.txt"       # original id of each user index, one a line
 INTERESTS_FILE = "interests.txt"  # interest labels of each user index, tab-separated
+GRAPH_FILE = "graph.npz"       # follows and actions (input_pipeline/interactions.py)
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 
@@ -258,6 +260,15 @@ def write_lines(directory: str, name: str, items) -> None:
   """One item a line (vocabularies, user ids): line i describes index i."""
   with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
     f.write("".join(f"{item}\n" for item in items))
+
+
+def save_npz(path: str, **arrays) -> None:
+  """np.savez with fixed zip timestamps: the same arrays give the same bytes."""
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, value in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+      with zf.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
 def read_lines(directory: str, name: str) -> list[str] | None:
