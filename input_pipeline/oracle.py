@@ -118,7 +118,7 @@ class Oracle:
     unknown = np.flatnonzero(self.post_ids[i] != post_ids) if len(self.post_ids) \
         else np.arange(len(post_ids))
     if len(unknown):
-      raise ValueError(f"post {post_ids[unknown[0]]!r} is not in the planted truth")
+      raise ValueError(f"post {str(post_ids[unknown[0]])!r} is not in the planted truth")
     return self.post_topics[i]
 
   def action_scores(self, users, post_ids, followed) -> np.ndarray:

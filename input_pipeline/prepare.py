@@ -297,16 +297,20 @@ def ordered_map(pool: futures.Executor, fn: Callable, items: Iterable,
 
 
 class _Progress:
-  """A carriage-return progress line: posts/s and ETA from a done fraction."""
+  """A carriage-return progress line: posts/s and ETA from a done fraction, every
+  2 s once a pass has run 2 s (a short pass prints nothing)."""
 
   def __init__(self, label: str, stream=sys.stderr):
-    self.label, self.stream, self.t0, self.last = label, stream, time.time(), 0.0
+    self.label, self.stream = label, stream
+    self.t0 = self.last = time.time()
+    self.shown = False
 
   def update(self, posts: int, fraction: float, force: bool = False) -> None:
+    """force: the pass is done (ends the line, if one was shown)."""
     now = time.time()
-    if not force and now - self.last < 2:
+    if (not force and now - self.last < 2) or (force and not self.shown):
       return
-    self.last = now
+    self.last, self.shown = now, True
     rate = posts / max(now - self.t0, 1e-9)
     eta = (now - self.t0) * (1 - fraction) / max(fraction, 1e-9)
     self.stream.write(f"\r{self.label}: {posts} posts, {rate:,.0f} posts/s, "
@@ -508,6 +512,11 @@ class _InlineExecutor(futures.Executor):
     return fut
 
 
+def _count_lines(path: str) -> int:
+  with open(path, "rb") as f:
+    return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+
+
 def _executor(workers: int) -> futures.Executor:
   if workers == 1:
     return _InlineExecutor()
@@ -668,7 +677,9 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
   check_inputs(posts_path, options)
   root = os.path.realpath(options.image_root or os.path.dirname(os.path.abspath(posts_path)))
   issues = _Issues(posts_path)
-  with _executor(options.workers or os.cpu_count()) as pool:
+  text.stop_words()   # gensim's import (~2 s) before the progress clocks start
+  chunks = -(-(_count_lines(posts_path) + 1) // options.chunk_lines)
+  with _executor(min(options.workers or os.cpu_count(), chunks)) as pool:
     posts = scan(posts_path, options, root, pool, issues)
     image, indptr = posts["image"], posts["indptr"]
     lengths = np.diff(indptr)

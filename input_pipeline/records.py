@@ -151,7 +151,7 @@ def serialize(post: Mapping) -> bytes:
     feats["image_encoded"] = _bytes(post["image_encoded"])
   example = tf_example_pb2.Example(
       features=tf_feature_pb2.Features(feature=feats))
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)   # map keys sorted: same bytes
 
 
 class Parser:
