@@ -101,10 +101,11 @@ def _claim(root: str, settings: dict) -> None:
     with open(path) as f:
       made = json.load(f)
     if made != settings:
-      diff = {k: made.get(part, {}).get(k) for part in settings
+      diff = {k: (made.get(part, {}).get(k), v) for part in settings
               for k, v in settings[part].items() if made.get(part, {}).get(k) != v}
       raise ValueError(f"{root} holds an embedded corpus made with other settings "
-                       f"{diff}: use a fresh directory (a new --workdir) for these")
+                       f"{diff or made} (made, wanted): use a fresh directory (a new "
+                       "--workdir) for these")
     return
   for name in (CRAWL_DIR, DATA_DIR):
     if os.path.exists(os.path.join(root, name)):

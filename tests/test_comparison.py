@@ -5,7 +5,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from input_pipeline import loader, synthetic
+from input_pipeline import embedded, loader, records
 from sempre_jax import losses, mesh as mesh_lib, tasks, train
 from sempre_jax.analysis import comparison
 from sempre_jax.models import du2mce as models
@@ -19,9 +19,11 @@ TINY = {"data.embedded.num_users": 30, "data.embedded.num_topics": 6,
 
 
 def _batch(tmp_path):
-  spec = synthetic.CorpusSpec(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
-  meta = synthetic.write_corpus(spec, str(tmp_path), {"test": 0.1})
-  it = loader.train_iterator(str(tmp_path), meta, batch_size=16, image_input="features",
+  spec = dict(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
+  d = embedded.ensure(spec, {"test": 0.1}, num_shards=4, word2vec_dim=0, seed=0,
+                      root=str(tmp_path), log=lambda *a: None)
+  meta = records.read_metadata(d)
+  it = loader.train_iterator(d, meta, batch_size=16, image_input="features",
                              image_key="image_features", seed=0)
   return next(it), meta
 
