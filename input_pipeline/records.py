@@ -18,7 +18,7 @@ Schema (missing values are filled on parse, see `parse`):
   image_features float[F]         frozen-CNN features (optional)
   image_encoded  bytes            PNG/JPEG bytes (optional)
   timestamp      int64            unix seconds
-  topic          int64            planted/known topic, -1 when unknown
+(A planted topic is not a record field: the truth keys it by post id, oracle.py.)
 """
 
 import hashlib
@@ -141,7 +141,6 @@ def serialize(post: Mapping) -> bytes:
       "text_hash": _int64(text_hash(tokens)),
       "image_id": _int64(post.get("image_id", -1)),
       "timestamp": _int64(post.get("timestamp", 0)),
-      "topic": _int64(post.get("topic", -1)),
   }
   has_image = post.get("image_id", -1) >= 0
   feats["image_mask"] = _int64(int(has_image))
@@ -165,7 +164,7 @@ class Parser:
   record on bookkeeping, the input pipeline's whole budget.
   """
   INTS = {"user": np.int32, "text_hash": np.int64, "image_mask": bool,
-          "image_id": np.int64, "timestamp": np.int64, "topic": np.int32}
+          "image_id": np.int64, "timestamp": np.int64}
 
   def __init__(self, feature_dim: int | None = None, image_size: int = 0):
     self.feature_dim = feature_dim
