@@ -80,11 +80,11 @@ ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id"
           "image_features_missing")
 NOTES = ("non_rgb_image", "empty_text_after_cleaning", "nothing_left_after_cleaning",
          "bad_timestamp")
-# Problems of the actions and follows files: every one skips the line.
+# Problems of the actions and follows files that skip a line (fatal with --strict); the
+# notes duplicate_action and duplicate_follow skip a repeat.
 INTERACTION_ERRORS = ("invalid_utf8", "malformed_json", "missing_user_id", "missing_post_id",
                       "missing_followee_id", "unknown_post_id", "post_not_written",
                       "bad_timestamp", "self_follow")
-INTERACTION_NOTES = ("duplicate_action", "duplicate_follow")
 
 
 class PrepareError(ValueError):
