@@ -23,7 +23,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
-from input_pipeline import loader, records, synthetic
+from input_pipeline import embedded, loader, records
 from sempre_jax import losses, mesh as mesh_lib, tasks, train
 from sempre_jax.models import du2mce
 
@@ -161,10 +161,11 @@ def main(argv):
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for mode in FLAGS.modes:
-      spec = synthetic.CorpusSpec(num_users=500, posts_per_user=12, image_fraction=0.5,
-                                  image_size=FLAGS.image_size if mode == "pixels" else 0)
-      data_dir = f"{tmp}/{mode}"
-      metadata = synthetic.write_corpus(spec, data_dir, {"test": 0.01})
+      spec = dict(num_users=500, posts_per_user=12, image_fraction=0.5,
+                  image_size=FLAGS.image_size if mode == "pixels" else 0)
+      data_dir = embedded.ensure(spec, {"test": 0.01}, num_shards=4, word2vec_dim=0, seed=0,
+                                 root=f"{tmp}/{mode}")
+      metadata = records.read_metadata(data_dir)
       r = bench_mode(mode, data_dir, metadata)
       r["matmul_peak_gflop_per_s"] = peak / 1e9
       r["mfu"] = r["model_gflop_per_s"] * 1e9 / peak

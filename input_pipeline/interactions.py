@@ -2,8 +2,12 @@
 
 The family models (D-Sempre, CDL, AMNL) learn from actions: user u acted on
 (liked, re-shared) post p at time t, read from a dataset's `graph.npz`
-(follows [E, 2], actions [A, 3] = (user, post row, unix time), post_ids [N];
-the embedded corpus writes one). This module turns a dataset into
+(written by `launch/prepare_data.py --actions=... --follows=...`):
+  follows [E, 2]      (user index, followee index)
+  actions [A, 3]      (user index, post row, unix time)
+  action_kinds [A]    str, e.g. "like", "reshare" ("" when the crawl gives none)
+  post_ids [N]        str: post row -> the post_id of its record (every record).
+This module turns a dataset into
   - the post table: the content of every post of every split, row = post row;
   - per-user splits of the actions: each user's most recent actions are held
     out (test), the ones just before them validate, the rest train (or the
@@ -30,7 +34,7 @@ from collections.abc import Mapping
 import grain
 import numpy as np
 
-from input_pipeline import loader, records, synthetic, word2vec
+from input_pipeline import loader, records, word2vec
 
 POST_FIELDS = ("tokens", "text_mask", "image_mask")
 SPLITS = ("train", "validation", "test")
@@ -41,10 +45,11 @@ SPLITS = ("train", "validation", "test")
 @dataclasses.dataclass
 class Interactions:
   """The posts, the follow graph and the actions of a dataset."""
-  posts: dict              # {field: [N, ...]}: POST_FIELDS, image input, user, timestamp, topic
+  posts: dict              # {field: [N, ...]}: POST_FIELDS, image input, user, timestamp
   follows: np.ndarray      # [E, 2] (user, followee)
   actions: np.ndarray      # [A, 3] (user, post row, unix time)
   num_users: int
+  post_ids: np.ndarray     # [N] str: the post_id of each post row
 
   @property
   def num_posts(self) -> int:
@@ -63,16 +68,16 @@ class Interactions:
 
 def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
   """Reads graph.npz and every record into a post table ordered by post row."""
-  path = os.path.join(data_dir, synthetic.GRAPH_FILE)
+  path = os.path.join(data_dir, records.GRAPH_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: the recommendation models need a follow graph and actions "
-        "(the embedded corpus writes one; a prepared crawl has none)")
+        "(prepare them with launch/prepare_data.py --actions=FILE --follows=FILE)")
   with np.load(path) as g:
     follows, actions, post_ids = g["follows"], g["actions"], g["post_ids"]
   row_of = {pid: i for i, pid in enumerate(post_ids.tolist())}
   image_input = "pixels" if image_key == "image" else "features"
-  keys = POST_FIELDS + (image_key, "user", "timestamp", "topic")
+  keys = POST_FIELDS + (image_key, "user", "timestamp")
   posts, filled = None, np.zeros(len(post_ids), bool)
   for split in metadata["splits"]:
     for batch in loader.eval_batches(data_dir, metadata, split, 4096, image_input):
@@ -85,7 +90,7 @@ def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
       filled[rows] = True
   if posts is None or not filled.all():
     raise ValueError(f"{data_dir}: {int((~filled).sum())} posts of graph.npz have no record")
-  return Interactions(posts, follows, actions, metadata["num_users"])
+  return Interactions(posts, follows, actions, metadata["num_users"], post_ids)
 
 
 # ------------------------------------------------------------------ splits --
@@ -130,7 +135,7 @@ def semantic_clusters(data: Interactions, vocab_size: int, num_clusters: int,
   tokens, mask = data.posts["tokens"], data.posts["text_mask"]
   has_text = np.flatnonzero(mask.any(1))
   sentences = [[str(t) for t in tokens[i][mask[i]]] for i in has_text]
-  model = word2vec.train(sentences, dim=dim, epochs=5, workers=2, seed=seed)
+  model = word2vec.train(sentences, dim=dim, epochs=5, seed=seed)
   words = word2vec.word_matrix(model, [str(i) for i in range(vocab_size)])
   vectors = (words[tokens[has_text]] * mask[has_text, :, None]).sum(1) \
       / mask[has_text].sum(1, keepdims=True)

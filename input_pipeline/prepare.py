@@ -1,17 +1,22 @@
-"""How does a user's raw crawl (JSONL + image folder) become training shards?
+"""How does a user's raw crawl (JSONL + images + interactions) become training shards?
 
-Two streaming passes, spread over processes (chunks of lines):
+Two streaming passes over the posts, spread over processes (chunks of lines):
   1. parse each line, clean its text, resolve/decode/hash its image, and keep
      only small per-post metadata (ids, word ids, image index) in NumPy arrays;
   2. (after deduplication, grouping, splitting and the vocabulary) re-read the
      images from disk and write the records of each split, shard by shard.
 Nothing holds all images or decoded pixels: an image is decoded once per
-worker while it stays in a small cache.
+worker while it stays in a small cache. An image file that is absent but has
+a vector in `image_features` (a crawl of features only) is an image without
+pixels, identified by its name.
 
 Bad input is reported, never fatal: each problem has a named reason counted in
 `prepare_report.json` with example line numbers; the post is skipped, or only
 its broken part (image or text) is dropped. With `strict`, the first bad
-record stops the job (PrepareError names the line).
+record stops the job (PrepareError names the line). A crawl that cannot give
+a dataset at all (no post kept, no word reaching `min_count`, a missing file)
+is a PrepareError whose one line says which flag to look at; a held-out split
+too small to measure is a warning.
 
 Splits: groups of posts linked by a shared image or a near-duplicate text
 (`dedup`) never straddle splits; groups with images are split first, then
@@ -25,6 +30,27 @@ author posts once); the report then counts held-out posts of unseen authors.
 Interests: with `interest_field`, a user's interest labels are the values of
 that field over all their kept posts (every split), one line per user index
 in `interests.txt` (for sempre_jax.analysis.interests).
+
+Interactions (for the recommendation models): `actions` (JSONL: user_id,
+post_id, optional timestamp and kind, e.g. "like") and `follows` (JSONL:
+user_id, followee_id) are written as `graph.npz` (input_pipeline/interactions.py):
+follows [E, 2] (user, followee), actions [A, 3] (user, post row, unix time),
+action_kinds [A] ("" when not given) and post_ids [N] (post row -> post id;
+every written post, in the order of the posts file). An action without a
+timestamp happened when its post was published. Users who act or follow but
+have no kept post are appended to the user index after the users with posts
+(metadata `users_with_posts`), so the family models rank posts for them too.
+Lines are skipped and counted when bad (as posts), when the post id is not a
+valid post (`unknown_post_id`) or a valid post prepare did not write
+(`post_not_written`), or repeat a (user, post) action or a follow edge
+(kept once). Actions on held-out posts are kept: the family splits each
+user's actions by time.
+
+Planted truth: `oracle` (a truth file, input_pipeline/oracle.py) is copied
+into the dataset as `oracle.npz`; `oracle.load` reads it in the dataset's ids.
+
+Determinism: the same crawl and options give byte-identical outputs (apart
+from the timing in the report), whatever the number of workers.
 """
 
 import collections
@@ -33,17 +59,20 @@ import datetime
 import functools
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 
 import numpy as np
 
-from input_pipeline import dedup, images, records, splits, text, word2vec
+from input_pipeline import dedup, images, oracle, records, splits, text, word2vec
 
 REPORT_FILE = "prepare_report.json"
 EXAMPLES = 5
+MIN_HELD_OUT = 50   # fewer held-out posts or images than this: a warning
 # Problems that drop a post or part of it (fatal with --strict); others are notes.
 ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id",
           "no_text_no_image", "duplicate_post_id", "corrupt_image", "truncated_image",
@@ -51,10 +80,16 @@ ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id"
           "image_features_missing")
 NOTES = ("non_rgb_image", "empty_text_after_cleaning", "nothing_left_after_cleaning",
          "bad_timestamp")
+# Problems of the actions and follows files that skip a line (fatal with --strict); the
+# notes duplicate_action and duplicate_follow skip a repeat.
+INTERACTION_ERRORS = ("invalid_utf8", "malformed_json", "missing_user_id", "missing_post_id",
+                      "missing_followee_id", "unknown_post_id", "post_not_written",
+                      "bad_timestamp", "self_follow")
 
 
 class PrepareError(ValueError):
-  """A bad record under `strict`: the message names its line."""
+  """A crawl that cannot be prepared, or a bad record under `strict`: one line
+  that says why (and which flag to look at)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +103,9 @@ class Options:
   image_root: str | None = None       # default: the folder of the posts file
   image_size: int = 64
   image_features: str | None = None   # .npz: image path (as in the posts) or id -> vector
+  actions: str | None = None          # JSONL: user_id, post_id[, timestamp, kind]
+  follows: str | None = None          # JSONL: user_id, followee_id
+  oracle: str | None = None           # the planted truth (oracle.py), copied as oracle.npz
   max_image_pixels: int = images.MAX_PIXELS
   test_fraction: float = 0.2
   validation_fraction: float = 0.02
@@ -112,18 +150,26 @@ def parse_timestamp(value) -> int | None:
   return None
 
 
-def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
-  """One JSONL line -> {post_id, user_id, text, image, timestamp, interest} or BadRecord."""
+def json_object(line: bytes, line_no: int) -> dict | BadRecord:
+  """One JSONL line -> its JSON object, or BadRecord (invalid_utf8, malformed_json)."""
   try:
     decoded = line.decode("utf-8")
   except UnicodeDecodeError as e:
     return BadRecord("invalid_utf8", line_no, detail=str(e))
   try:
-    post = json.loads(decoded)
+    obj = json.loads(decoded)
   except json.JSONDecodeError as e:
     return BadRecord("malformed_json", line_no, detail=str(e))
-  if not isinstance(post, dict):
+  if not isinstance(obj, dict):
     return BadRecord("malformed_json", line_no, detail="not a JSON object")
+  return obj
+
+
+def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
+  """One JSONL line -> {post_id, user_id, text, image, timestamp, interest} or BadRecord."""
+  post = json_object(line, line_no)
+  if isinstance(post, BadRecord):
+    return post
   post_id = _field(post, options.id_field)
   if post_id is None:
     return BadRecord("missing_post_id", line_no)
@@ -177,9 +223,14 @@ def process_post(post: dict, line_no: int, options: Options, root: str):
       if loaded.mode != "RGB":
         bad("non_rgb_image", loaded.mode)
     except images.ImageError as e:
-      bad(e.reason, post["image"])
+      key = (e.reason == "image_missing" and options.image_features
+             and _feature_key(_feature_keys(options.image_features), post["image"]))
+      if key:     # no file, but a vector: an image of features only
+        pixel_hash = b"features:" + key.encode()
+      else:
+        bad(e.reason, post["image"])
       path = None
-  if not words and path is None:
+  if not words and pixel_hash is None:
     bad("nothing_left_after_cleaning")
     return None, issues
   return dict(words=words, image_path=path, image_key=post["image"],
@@ -208,7 +259,8 @@ def _pass1_chunk(args) -> dict:
   local = {}
   ids = [local.setdefault(w, len(local)) for p in kept for w in p["words"]]
   return dict(
-      issues=issues, words=list(local), word_ids=np.asarray(ids, np.int32),
+      issues=issues, lines=sum(1 for line in lines if line.strip()),
+      words=list(local), word_ids=np.asarray(ids, np.int32),
       lengths=np.asarray([len(p["words"]) for p in kept], np.int32),
       **{k: [p[k] for p in kept] for k in (
           "post_id", "user_id", "timestamp", "line", "image_path", "image_key",
@@ -245,16 +297,20 @@ def ordered_map(pool: futures.Executor, fn: Callable, items: Iterable,
 
 
 class _Progress:
-  """A carriage-return progress line: posts/s and ETA from a done fraction."""
+  """A carriage-return progress line: posts/s and ETA from a done fraction, every
+  2 s once a pass has run 2 s (a short pass prints nothing)."""
 
   def __init__(self, label: str, stream=sys.stderr):
-    self.label, self.stream, self.t0, self.last = label, stream, time.time(), 0.0
+    self.label, self.stream = label, stream
+    self.t0 = self.last = time.time()
+    self.shown = False
 
   def update(self, posts: int, fraction: float, force: bool = False) -> None:
+    """force: the pass is done (ends the line, if one was shown)."""
     now = time.time()
-    if not force and now - self.last < 2:
+    if (not force and now - self.last < 2) or (force and not self.shown):
       return
-    self.last = now
+    self.last, self.shown = now, True
     rate = posts / max(now - self.t0, 1e-9)
     eta = (now - self.t0) * (1 - fraction) / max(fraction, 1e-9)
     self.stream.write(f"\r{self.label}: {posts} posts, {rate:,.0f} posts/s, "
@@ -266,15 +322,17 @@ class _Progress:
 
 @dataclasses.dataclass
 class _Issues:
-  """Counts and example locations per reason."""
+  """Counts and example locations per reason, of one input file."""
+  source: str                    # the file, as named in a --strict error
+  errors: tuple = ERRORS         # the reasons --strict stops at
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
 
   def add(self, issue: BadRecord, strict: bool) -> None:
-    if strict and issue.reason in ERRORS:
-      raise PrepareError(f"line {issue.line}: {issue.reason}"
+    if strict and issue.reason in self.errors:
+      raise PrepareError(f"{self.source}: line {issue.line}: {issue.reason}"
                          + (f" (post {issue.post_id})" if issue.post_id else "")
-                         + (f": {issue.detail}" if issue.detail else ""))
+                         + (f": {issue.detail}" if issue.detail else "") + " (--strict)")
     self.counts[issue.reason] += 1
     if len(self.examples[issue.reason]) < EXAMPLES:
       self.examples[issue.reason].append(
@@ -293,9 +351,10 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
   word_index, user_index, image_index, interest_index = {}, {}, {}, {}
   image_paths, image_keys, seen_ids = [], [], set()
   cols = collections.defaultdict(list)
-  progress, n_posts = _Progress("pass 1 (clean, hash images)"), 0
+  progress, n_posts, n_lines = _Progress("pass 1 (clean, hash images)"), 0, 0
   chunks = _line_chunks(posts_path, options.chunk_lines, options, root)
   for res, offset in ordered_map(pool, _pass1_chunk, chunks, 2 * pool._max_workers):
+    n_lines += res["lines"]
     for issue in sorted(res["issues"], key=lambda b: b.line):
       issues.add(issue, options.strict)
     local_to_global = np.asarray(
@@ -337,7 +396,7 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       post_id=cols["post_id"], timestamp=np.asarray(cols["timestamp"], np.int64),
       line=np.asarray(cols["line"], np.int64), num_users_seen=len(user_index),
       users=list(user_index), interest=np.asarray(cols["interest"], np.int64),
-      interest_labels=list(interest_index))
+      interest_labels=list(interest_index), lines=n_lines)
 
 
 # ------------------------------------------------------------- features ------
@@ -352,7 +411,12 @@ def _feature_key(keys: Sequence[str], key: str) -> str | None:
 
 @functools.lru_cache(maxsize=2)
 def _features_file(path: str):
-  return np.load(path)
+  return np.load(path, allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _feature_keys(path: str) -> frozenset:
+  return frozenset(_features_file(path).files)
 
 
 # --------------------------------------------------------------- interests ---
@@ -415,15 +479,14 @@ def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
 def _pass2_chunk(args) -> list[bytes]:
   """Post columns of one chunk -> serialized records (images re-read from disk)."""
   posts, options = args
-  feats = _features_file(options.image_features) if options.image_features else None
   out = []
   for post in posts:
     if post["image_path"] is not None:
       loaded = _cached_image(post["image_path"], options.image_size,
                              options.max_image_pixels)
       post["image_encoded"] = loaded.encoded
-      if feats is not None:
-        post["image_features"] = feats[post["feature_key"]]
+    if post["feature_key"] is not None:
+      post["image_features"] = _features_file(options.image_features)[post["feature_key"]]
     out.append(records.serialize(post))
   return out
 
@@ -449,6 +512,11 @@ class _InlineExecutor(futures.Executor):
     return fut
 
 
+def _count_lines(path: str) -> int:
+  with open(path, "rb") as f:
+    return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+
+
 def _executor(workers: int) -> futures.Executor:
   if workers == 1:
     return _InlineExecutor()
@@ -457,23 +525,168 @@ def _executor(workers: int) -> futures.Executor:
       workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
+# ------------------------------------------------------------ interactions ---
+
+def _json_lines(path: str) -> Iterator[tuple[int, dict | BadRecord]]:
+  """(line number, JSON object or BadRecord) of each non-empty line of a JSONL file."""
+  with open(path, "rb") as f:
+    for line_no, line in enumerate(f, 1):
+      if line.strip():
+        yield line_no, json_object(line, line_no)
+
+
+def read_actions(path: str, options: Options, post_row: Mapping[str, int],
+                 valid_posts: set, post_time: np.ndarray, users: dict,
+                 issues: _Issues) -> tuple[np.ndarray, list[str]]:
+  """The actions file -> ([A, 3] (user index, post row, unix time), kinds [A]).
+
+  post_row: post id -> row of the written posts; valid_posts: every valid post
+  id (also those not written); post_time [N]: unix time of each row; users:
+  user id -> index, extended with the new users of valid lines.
+  """
+  out, kinds, seen = [], [], set()
+  for line_no, obj in _json_lines(path):
+    if isinstance(obj, BadRecord):
+      issues.add(obj, options.strict)
+      continue
+    user, pid = _field(obj, "user_id"), _field(obj, "post_id")
+    row = post_row.get(pid)
+    stamp = obj.get("timestamp")
+    t = None if row is None else int(post_time[row]) if stamp is None else parse_timestamp(stamp)
+    reason = ("missing_user_id" if user is None else "missing_post_id" if pid is None
+              else "post_not_written" if row is None and pid in valid_posts
+              else "unknown_post_id" if row is None else "bad_timestamp" if t is None
+              else "duplicate_action" if (user, row) in seen else None)
+    if reason:
+      issues.add(BadRecord(reason, line_no, pid, str(stamp) if reason == "bad_timestamp"
+                           else ""), options.strict)
+      continue
+    seen.add((user, row))
+    out.append((users.setdefault(user, len(users)), row, t))
+    kinds.append(_field(obj, "kind") or "")
+  return np.asarray(out, np.int64).reshape(-1, 3), kinds
+
+
+def read_follows(path: str, options: Options, users: dict, issues: _Issues) -> np.ndarray:
+  """The follows file -> [E, 2] (user index, followee index); users: as read_actions."""
+  out, seen = [], set()
+  for line_no, obj in _json_lines(path):
+    if isinstance(obj, BadRecord):
+      issues.add(obj, options.strict)
+      continue
+    user, followee = _field(obj, "user_id"), _field(obj, "followee_id")
+    reason = ("missing_user_id" if user is None else "missing_followee_id" if followee is None
+              else "self_follow" if user == followee
+              else "duplicate_follow" if (user, followee) in seen else None)
+    if reason:
+      issues.add(BadRecord(reason, line_no, detail=f"{user} -> {followee}"), options.strict)
+      continue
+    seen.add((user, followee))
+    out.append((users.setdefault(user, len(users)), users.setdefault(followee, len(users))))
+  return np.asarray(out, np.int64).reshape(-1, 2)
+
+
+def _interaction_report(path: str, lines_written: int, issues: _Issues) -> dict:
+  return dict(file=os.path.abspath(path), written=lines_written, problems=issues.report())
+
+
+# ------------------------------------------------------------------ checks -----
+
+def check_inputs(posts_path: str, options: Options) -> None:
+  """PrepareError (one line, naming the flag) for inputs that cannot work."""
+  for flag, path in (("posts", posts_path), ("actions", options.actions),
+                     ("follows", options.follows), ("image_features", options.image_features),
+                     ("oracle", options.oracle)):
+    if path is not None and not os.path.isfile(path):
+      raise PrepareError(f"--{flag}: {path} is not a file")
+  if os.path.getsize(posts_path) == 0:
+    raise PrepareError(f"--posts: {posts_path} is empty")
+  held_out = options.test_fraction + options.validation_fraction
+  if min(options.test_fraction, options.validation_fraction) < 0 or held_out >= 1:
+    raise PrepareError(f"--test_fraction={options.test_fraction} and --validation_fraction="
+                       f"{options.validation_fraction} must be >= 0 and sum to less than 1")
+  if options.held_out_authors not in ("in_train", "any"):
+    raise PrepareError(f"--held_out_authors must be in_train or any, "
+                       f"got {options.held_out_authors!r}")
+  if options.num_shards < 1 or options.min_count < 1 or options.word2vec_dim < 0:
+    raise PrepareError("--num_shards and --min_count must be >= 1, --word2vec_dim >= 0")
+  if options.image_features:
+    try:
+      _feature_keys(options.image_features)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      raise PrepareError(f"--image_features: cannot read {options.image_features} "
+                         f"as .npz: {e}") from None
+  if options.oracle:
+    try:
+      oracle.read_truth(options.oracle)
+    except ValueError as e:
+      raise PrepareError(f"--oracle: {e}") from None
+
+
+# The flag to look at when every line of a crawl fails for a reason.
+_HINTS = {
+    "invalid_utf8": "are not UTF-8",
+    "malformed_json": "are not a JSON object (--posts takes one JSON object a line)",
+    "missing_post_id": "have no field {o.id_field!r} (set --id_field)",
+    "missing_user_id": "have no field {o.user_field!r} (set --user_field)",
+    "no_text_no_image": "have none of the fields {o.text_fields} (set --text_fields) "
+                        "or {o.image_field!r} (set --image_field)",
+    "nothing_left_after_cleaning": "have no word left after cleaning and no usable image",
+    "image_features_missing": "have an image without a vector in --image_features "
+                              "and no text",
+}
+
+
+def no_posts_error(posts_path: str, options: Options, lines: int,
+                   counts: collections.Counter) -> PrepareError:
+  """Why a crawl gave no post: the commonest reason, its flag, the first line's fields."""
+  if not lines:
+    return PrepareError(f"--posts: {posts_path} has no lines")
+  reason, n = max(((r, c) for r, c in counts.items() if r in _HINTS),
+                  key=lambda rc: rc[1], default=("", 0))
+  with open(posts_path, "rb") as f:
+    first = json_object(next(line for line in f if line.strip()), 1)
+  fields = (f"the first line has the fields {sorted(first)}"
+            if isinstance(first, dict) else "the first line is not a JSON object")
+  why = f"{n} of {lines} lines {_HINTS[reason].format(o=options)}" if n \
+      else f"problems {dict(counts)}"
+  return PrepareError(f"no post kept from {posts_path}: {why}; {fields}")
+
+
+def split_warnings(posts_per_split: Mapping[str, int], images_per_split: Mapping[str, int],
+                   num_images: int, options: Options) -> list[str]:
+  """A line per held-out split with fewer than MIN_HELD_OUT posts (or images)."""
+  out = []
+  for split, fraction in (("validation", options.validation_fraction),
+                          ("test", options.test_fraction)):
+    posts, imgs = posts_per_split[split], images_per_split[split]
+    if fraction > 0 and (posts < MIN_HELD_OUT or (num_images and imgs < MIN_HELD_OUT)):
+      out.append(f"the {split} split has {posts} posts and {imgs} images, too few to "
+                 f"measure retrieval (< {MIN_HELD_OUT}): raise --{split}_fraction or "
+                 "bring more posts")
+  return out
+
+
 # -------------------------------------------------------------------- job -----
 
 def prepare(posts_path: str, out_dir: str, options: Options = Options(),
             log=print) -> dict:
-  """Prepares `posts_path` into `out_dir`; returns the report (also written)."""
+  """Prepares `posts_path` into `out_dir`; returns the report (also written).
+  PrepareError when the crawl cannot give a dataset."""
   t0 = time.time()
-  os.makedirs(out_dir, exist_ok=True)
+  check_inputs(posts_path, options)
   root = os.path.realpath(options.image_root or os.path.dirname(os.path.abspath(posts_path)))
-  issues = _Issues()
-  with _executor(options.workers or os.cpu_count()) as pool:
+  issues = _Issues(posts_path)
+  text.stop_words()   # gensim's import (~2 s) before the progress clocks start
+  chunks = -(-(_count_lines(posts_path) + 1) // options.chunk_lines)
+  with _executor(min(options.workers or os.cpu_count(), chunks)) as pool:
     posts = scan(posts_path, options, root, pool, issues)
     image, indptr = posts["image"], posts["indptr"]
     lengths = np.diff(indptr)
 
     feature_dim = 0
     if options.image_features:
-      keys = set(_features_file(options.image_features).files)
+      keys = _feature_keys(options.image_features)
       fkeys = [_feature_key(keys, k) for k in posts["image_keys"]]
       for i in np.flatnonzero(image >= 0):
         if fkeys[image[i]] is None:
@@ -488,24 +701,19 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
       some = next((k for k in fkeys if k is not None), None)
       feature_dim = int(np.size(_features_file(options.image_features)[some])) if some else 0
 
+    alive = (image >= 0) | (lengths > 0)
+    if not alive.any():
+      raise no_posts_error(posts_path, options, posts["lines"], issues.counts)
+
     # Duplicates and groups.
     set_of_post, sets = dedup.word_sets(indptr, posts["word_ids"], len(posts["words"]))
     pairs, dup_stats = dedup.near_duplicate_pairs(sets, options.near_dup_threshold)
     groups = dedup.group_posts(image, set_of_post, sets.shape[0], pairs)
-    alive = (image >= 0) | (lengths > 0)
     idx = np.flatnonzero(alive)
     assignment = np.full(len(image), "", dtype=object)
     assignment[idx], split_stats = assign_splits(groups[idx], image[idx],
                                                  posts["user"][idx], options)
     kept = assignment != ""
-
-    # Users and images of the kept posts, re-indexed densely.
-    user_ids, user = np.unique(posts["user"][kept], return_inverse=True)
-    user_of = np.full(posts["num_users_seen"], -1, np.int64)
-    user_of[user_ids] = np.arange(len(user_ids))
-    image_ids = np.unique(image[kept & (image >= 0)])
-    image_of = np.full(len(posts["image_paths"]) + 1, -1, np.int64)
-    image_of[image_ids] = np.arange(len(image_ids))
 
     # Vocabulary from the training texts, then token ids.
     token_post = np.repeat(np.arange(len(lengths)), lengths)
@@ -514,38 +722,73 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
                          minlength=len(posts["words"]))
     vocab = text.build_vocab({posts["words"][i]: int(c) for i, c in enumerate(counts) if c},
                              options.min_count)
+    if len(vocab) == 2 and counts.any():
+      raise PrepareError(
+          f"no word occurs --min_count={options.min_count} times in the training texts "
+          f"({int((counts > 0).sum())} distinct words, the commonest {int(counts.max())} "
+          "times): lower --min_count or bring more posts")
     to_vocab = np.full(len(posts["words"]), records.UNK_ID, np.int32)
     index = {w: i for i, w in enumerate(posts["words"])}
     to_vocab[[index[w] for w in vocab[2:]]] = np.arange(2, len(vocab))
     tokens = to_vocab[posts["word_ids"]]
+
+    # Users: those of the kept posts (densely re-indexed), then those who only
+    # act or follow.
+    user_ids, user = np.unique(posts["user"][kept], return_inverse=True)
+    user_of = np.full(posts["num_users_seen"], -1, np.int64)
+    user_of[user_ids] = np.arange(len(user_ids))
+    users = {posts["users"][u]: i for i, u in enumerate(user_ids)}
+    written = np.flatnonzero(kept)
+    post_ids = np.array(posts["post_id"], dtype=object)
+    graph, interactions = {}, {}
+    if options.actions:
+      action_issues = _Issues(options.actions, INTERACTION_ERRORS)
+      graph["actions"], graph["action_kinds"] = read_actions(
+          options.actions, options, {p: r for r, p in enumerate(post_ids[written])},
+          set(posts["post_id"]), posts["timestamp"][written], users, action_issues)
+      interactions["actions"] = _interaction_report(
+          options.actions, len(graph["actions"]), action_issues)
+    if options.follows:
+      follow_issues = _Issues(options.follows, INTERACTION_ERRORS)
+      graph["follows"] = read_follows(options.follows, options, users, follow_issues)
+      interactions["follows"] = _interaction_report(
+          options.follows, len(graph["follows"]), follow_issues)
+    num_users = len(users)
+
+    os.makedirs(out_dir, exist_ok=True)
     records.write_lines(out_dir, records.VOCAB_FILE, vocab)
-    records.write_lines(out_dir, records.USERS_FILE,
-                        (posts["users"][u] for u in user_ids))
+    records.write_lines(out_dir, records.USERS_FILE, users)
     interests = None
     if options.interest_field:
       per_user = user_interests(user, posts["interest"][kept], posts["interest_labels"],
-                                len(user_ids))
+                                num_users)
       records.write_lines(out_dir, records.INTERESTS_FILE, map("\t".join, per_user))
       interests = dict(field=options.interest_field,
                        labels=len({x for labels in per_user for x in labels}),
                        users_with_interests=sum(map(bool, per_user)))
 
-    if options.word2vec_dim:
+    notes = []
+    if options.word2vec_dim and len(vocab) > 2:
       t_w2v = time.time()
       train_posts = np.flatnonzero(is_train)
       model = word2vec.train(
           _Sentences(vocab, lambda: (tokens[indptr[i]:indptr[i + 1]] for i in train_posts)),
-          dim=options.word2vec_dim, epochs=options.word2vec_epochs,
-          workers=options.workers or os.cpu_count(), seed=options.seed)
+          dim=options.word2vec_dim, epochs=options.word2vec_epochs, seed=options.seed)
       words = word2vec.word_matrix(model, vocab)
       train_tok = is_train[token_post]
-      users = word2vec.user_means(words, user_of[posts["user"][token_post[train_tok]]],
-                                  tokens[train_tok], len(user_ids))
-      np.savez(os.path.join(out_dir, word2vec.INIT_FILE), words=words, users=users)
+      user_means = word2vec.user_means(words, user_of[posts["user"][token_post[train_tok]]],
+                                       tokens[train_tok], num_users)
+      records.save_npz(os.path.join(out_dir, word2vec.INIT_FILE), words=words,
+                       users=user_means)
       log(f"word2vec: {len(vocab)} words x {options.word2vec_dim} on the training "
           f"texts in {time.time() - t_w2v:.1f}s")
+    elif options.word2vec_dim:
+      notes.append(f"no training text: no {word2vec.INIT_FILE}")
 
     # Pass 2: the records of each split.
+    image_ids = np.unique(image[kept & (image >= 0)])
+    image_of = np.full(len(posts["image_paths"]) + 1, -1, np.int64)
+    image_of[image_ids] = np.arange(len(image_ids))
     fkey = (lambda i: fkeys[image[i]]) if options.image_features else (lambda i: None)
     def chunks(members):
       for s in range(0, len(members), options.chunk_lines):
@@ -557,7 +800,8 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
               tokens=tokens[indptr[i]:indptr[i + 1]][:records.MAX_LEN],
               image_id=int(image_of[img]) if img >= 0 else -1,
               image_path=posts["image_paths"][img] if img >= 0 else None,
-              feature_key=fkey(i), timestamp=int(posts["timestamp"][i])))
+              feature_key=fkey(i) if img >= 0 else None,
+              timestamp=int(posts["timestamp"][i])))
         yield (batch, options), min(s + options.chunk_lines, len(members))
 
     split_meta, progress = {}, _Progress("pass 2 (write shards)")
@@ -575,21 +819,41 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
                                                  options.num_shards)
     progress.update(done, 1.0, force=True)
 
+  if graph:
+    records.save_npz(
+        os.path.join(out_dir, records.GRAPH_FILE),
+        follows=graph.get("follows", np.zeros([0, 2], np.int64)),
+        actions=graph.get("actions", np.zeros([0, 3], np.int64)),
+        action_kinds=np.array(graph.get("action_kinds", []), str),
+        post_ids=np.array(post_ids[written].tolist(), str))
+  if options.oracle:
+    shutil.copyfile(options.oracle, os.path.join(out_dir, oracle.ORACLE_FILE))
+  without_pixels = sum(posts["image_paths"][j] is None for j in image_ids)
   metadata = dict(
-      source="prepared", posts=os.path.abspath(posts_path), num_users=len(user_ids),
-      vocab_size=len(vocab), max_len=records.MAX_LEN, feature_dim=feature_dim,
-      image_size=options.image_size, num_images=len(image_ids), splits=split_meta)
+      source="prepared", posts=os.path.abspath(posts_path), num_users=num_users,
+      users_with_posts=len(user_ids), vocab_size=len(vocab), max_len=records.MAX_LEN,
+      feature_dim=feature_dim,
+      image_size=options.image_size if len(image_ids) > without_pixels else 0,
+      num_images=len(image_ids), splits=split_meta)
   records.write_metadata(out_dir, metadata)
   images_in = {s: int(len(np.unique(image[(assignment == s) & (image >= 0)])))
                for s in records.SPLITS}
+  posts_in = {s: m["num_posts"] for s, m in split_meta.items()}
+  if not feature_dim:
+    notes.append("no image features: train with --config.model.image_input=pixels"
+                 if len(image_ids) else
+                 "no images: the image-text and image-user terms contribute nothing; the "
+                 "default --config.model.image_input=features (feature_dim 0) trains the "
+                 "text and user towers")
   report = dict(
       posts_file=os.path.abspath(posts_path), out_dir=os.path.abspath(out_dir),
       seconds=round(time.time() - t0, 1),
       posts_valid=int(alive.sum()), posts_written=int(kept.sum()),
-      posts_per_split={s: m["num_posts"] for s, m in split_meta.items()},
-      unique_images_per_split=images_in,
-      users=len(user_ids), vocab_size=len(vocab), num_images=len(image_ids),
-      feature_dim=feature_dim, image_size=options.image_size,
+      posts_per_split=posts_in, unique_images_per_split=images_in,
+      users=num_users, users_without_posts=num_users - len(user_ids),
+      vocab_size=len(vocab), num_images=len(image_ids),
+      images_without_pixels=int(without_pixels), feature_dim=feature_dim,
+      image_size=metadata["image_size"],
       posts_with_image=int((kept & (image >= 0)).sum()),
       posts_with_text=int((kept & (lengths > 0)).sum()),
       duplicates=dict(
@@ -598,12 +862,8 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
           posts_repeating_an_earlier_word_set=int((set_of_post >= 0).sum() - sets.shape[0]),
           **dup_stats),
       splits=split_stats, interests=interests, problems=issues.report(),
-      notes=[] if feature_dim else [
-          "no image features: train with --config.model.image_input=pixels"
-          if len(image_ids) else
-          "no images: the image-text and image-user terms contribute nothing; the "
-          "default --config.model.image_input=features (feature_dim 0) trains the "
-          "text and user towers"])
+      **interactions, oracle=options.oracle and os.path.abspath(options.oracle),
+      warnings=split_warnings(posts_in, images_in, len(image_ids), options), notes=notes)
   with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
     json.dump(report, f, indent=1)
   return report
@@ -611,20 +871,27 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
 
 def summary(report: dict) -> str:
   """A few readable lines of a report."""
-  problems = ", ".join(f"{r} {p['count']}" for r, p in report["problems"].items()) or "none"
+  listed = lambda problems: ", ".join(f"{r} {p['count']}" for r, p in problems.items()) \
+      or "none"
   d = report["duplicates"]
   return "\n".join([
       f"Prepared {report['posts_file']} -> {report['out_dir']} in {report['seconds']}s",
       f"  posts: {report['posts_valid']} valid, {report['posts_written']} written "
       f"{report['posts_per_split']}",
-      f"  users {report['users']}, vocabulary {report['vocab_size']}, unique images "
-      f"{report['num_images']} {report['unique_images_per_split']}, posts with image "
-      f"{report['posts_with_image']}, with text {report['posts_with_text']}",
+      f"  users {report['users']} ({report['users_without_posts']} only act or follow), "
+      f"vocabulary {report['vocab_size']}, unique images {report['num_images']} "
+      f"{report['unique_images_per_split']} ({report['images_without_pixels']} as features "
+      f"only), posts with image {report['posts_with_image']}, with text "
+      f"{report['posts_with_text']}",
       f"  duplicates: {d['posts_with_image_shared_by_another_post']} posts re-use an image, "
       f"{d['posts_repeating_an_earlier_word_set']} repeat a text, "
       f"{d['near_duplicate_pairs']} near-duplicate text pairs",
       f"  splits: {report['splits']}",
       *([f"  interests ({i['field']}): {i['labels']} labels, {i['users_with_interests']} "
          f"of {report['users']} users have one"] if (i := report.get("interests")) else []),
-      f"  problems: {problems}",
+      f"  problems: {listed(report['problems'])}",
+      *[f"  {kind}: {r['written']} written; problems: {listed(r['problems'])}"
+        for kind in ("actions", "follows") if (r := report.get(kind))],
+      *([f"  planted truth: {report['oracle']}"] if report.get("oracle") else []),
+      *[f"  warning: {w}" for w in report["warnings"]],
       *[f"  note: {n}" for n in report["notes"]]])

@@ -18,7 +18,7 @@ Schema (missing values are filled on parse, see `parse`):
   image_features float[F]         frozen-CNN features (optional)
   image_encoded  bytes            PNG/JPEG bytes (optional)
   timestamp      int64            unix seconds
-  topic          int64            planted/known topic, -1 when unknown
+(A planted topic is not a record field: the truth keys it by post id, oracle.py.)
 """
 
 import hashlib
@@ -26,6 +26,7 @@ import io
 import json
 import os
 import struct
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import google_crc32c
@@ -40,6 +41,7 @@ METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
 USERS_FILE = "users.txt"       # original id of each user index, one a line
 INTERESTS_FILE = "interests.txt"  # interest labels of each user index, tab-separated
+GRAPH_FILE = "graph.npz"       # follows and actions (input_pipeline/interactions.py)
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 
@@ -139,7 +141,6 @@ def serialize(post: Mapping) -> bytes:
       "text_hash": _int64(text_hash(tokens)),
       "image_id": _int64(post.get("image_id", -1)),
       "timestamp": _int64(post.get("timestamp", 0)),
-      "topic": _int64(post.get("topic", -1)),
   }
   has_image = post.get("image_id", -1) >= 0
   feats["image_mask"] = _int64(int(has_image))
@@ -149,7 +150,7 @@ def serialize(post: Mapping) -> bytes:
     feats["image_encoded"] = _bytes(post["image_encoded"])
   example = tf_example_pb2.Example(
       features=tf_feature_pb2.Features(feature=feats))
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)   # map keys sorted: same bytes
 
 
 class Parser:
@@ -163,7 +164,7 @@ class Parser:
   record on bookkeeping, the input pipeline's whole budget.
   """
   INTS = {"user": np.int32, "text_hash": np.int64, "image_mask": bool,
-          "image_id": np.int64, "timestamp": np.int64, "topic": np.int32}
+          "image_id": np.int64, "timestamp": np.int64}
 
   def __init__(self, feature_dim: int | None = None, image_size: int = 0):
     self.feature_dim = feature_dim
@@ -258,6 +259,15 @@ def write_lines(directory: str, name: str, items) -> None:
   """One item a line (vocabularies, user ids): line i describes index i."""
   with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
     f.write("".join(f"{item}\n" for item in items))
+
+
+def save_npz(path: str, **arrays) -> None:
+  """np.savez with fixed zip timestamps: the same arrays give the same bytes."""
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for name, value in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+      with zf.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
 def read_lines(directory: str, name: str) -> list[str] | None:

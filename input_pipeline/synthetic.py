@@ -1,21 +1,21 @@
 """What does a social network with known truth look like?
 
 The embedded corpus: a seeded generative model of users, posts, images, a follow
-graph and actions, whose planted parameters are kept so that an `Oracle` can
-score every retrieval task with the true posterior of the model.
+graph and actions, written as the raw crawl a user would bring (so it takes the
+same road to training, `launch/prepare_data.py`), plus the planted parameters
+(`oracle.py`'s truth file) so that an `Oracle` can score every task with the
+true posterior of the model.
 
 Generative story (T topics, U users):
   user u:   sparse interests theta_u (k in [topics_min, topics_max] topics,
             Dirichlet(1) weights) and activity pi_u (log-normal, normalised).
-            The topics with theta_uz > 0 are written as the user's interest
-            labels (`interests.txt`, e.g. "topic03").
   post:     author u ~ pi; topic z ~ theta_u; timestamp ~ U(0, days).
   text:     length L ~ U[min_len, max_len]; each token is a topic word ~ phi_z
             with prob. `topic_word_prob`, else a background word ~ beta.
             phi_z puts (1 - leak) of its mass on z's own words (Zipf) and
             `leak` uniformly on all topic words, so topics overlap softly.
   image:    with prob. `image_fraction`; with prob. `reshare_prob` it re-shares
-            an earlier image of topic z (same image id), else a new image with
+            an earlier image of topic z (same image), else a new image with
             features x = mu_z + N(0, I) (mu_z ~ N(0, signal^2 I)), and
             optionally RGB pixels: a topic-coloured grating plus noise.
   follows:  each user follows `followees` others, drawn prop. to
@@ -23,25 +23,35 @@ Generative story (T topics, U users):
   actions:  each user likes/re-shares `actions_per_user` posts of others, drawn
             prop. to (theta_u[z_post] + 0.01) x (3 if the author is followed),
             some minutes to hours after the post.
-Written as a prepared dataset (records.py) plus `oracle.npz` and `graph.npz`:
-follows [E, 2] (user, followee), actions [A, 3] (user, post row, unix time) and
-post_ids [N] (post row -> the record's post_id).
 No word or feature belongs to a single user, so identity is never given away by
 one token: users are known only through what they talk about.
+
+The crawl (`write_crawl`), in prepare's input formats:
+  posts.jsonl         post_id ("p0000042"), user_id ("user00007"), text (the
+                      words, e.g. "topic03w01 common042 ..."), image (null, or
+                      "img000017", or "images/img000017.png" with pixels),
+                      timestamp (unix seconds), topic ("topic03": the planted
+                      topic, for --interest_field=topic)
+  image_features.npz  image (as in posts.jsonl) -> float32 [feature_dim]
+  images/*.png        RGB pixels, image_size x image_size (image_size > 0)
+  actions.jsonl       user_id, post_id, timestamp
+  follows.jsonl       user_id, followee_id
+  oracle.npz          the planted truth keyed by user id, word and post id
 """
 
 import dataclasses
+import json
 import os
-from collections.abc import Mapping
 
 import numpy as np
-from scipy.special import logsumexp
 
-from input_pipeline import records, splits
+from input_pipeline import oracle, records
 
-ORACLE_FILE = "oracle.npz"
-GRAPH_FILE = "graph.npz"
-FOLLOW_BOOST = 3.0            # actions favour followed authors this much
+POSTS_FILE = "posts.jsonl"
+FEATURES_FILE = "image_features.npz"
+ACTIONS_FILE = "actions.jsonl"
+FOLLOWS_FILE = "follows.jsonl"
+IMAGES_DIR = "images"
 _EPOCH_START = 1_420_070_400  # 2015-01-01 UTC
 
 
@@ -70,102 +80,6 @@ class CorpusSpec:
   seed: int = 0
 
 
-# ------------------------------------------------------------------ oracle --
-
-@dataclasses.dataclass
-class Oracle:
-  """The planted model's true scores for the retrieval and recommendation tasks.
-
-  Each method returns log-scores whose order is the Bayes-optimal ranking of the
-  candidates; ranks computed from them are the best achievable. Scores are
-  rounded to 1e-6 nats so that candidates the model cannot tell apart tie
-  exactly instead of being ordered by float round-off.
-  """
-  log_pi: np.ndarray     # [U] author prior
-  theta: np.ndarray      # [U, T] user interests
-  mu: np.ndarray         # [T, F] image topic means (unit noise)
-  log_phi: np.ndarray    # [T, V] topic word log-probs (0 on background words)
-
-  def _text_loglik(self, tokens, mask) -> np.ndarray:
-    """log p(topic words of text | z) up to a per-text constant: [Q, T]."""
-    onehot_counts = np.zeros([len(tokens), self.log_phi.shape[1]])
-    np.add.at(onehot_counts, (np.arange(len(tokens))[:, None], tokens), mask)
-    return onehot_counts @ self.log_phi.T
-
-  def _image_loglik(self, features) -> np.ndarray:
-    """log N(x; mu_z, I) up to a per-image constant: [Q, T]."""
-    return features @ self.mu.T - 0.5 * np.sum(self.mu**2, axis=1)
-
-  def _user_scores(self, topic_loglik) -> np.ndarray:
-    """log pi_u + log sum_z theta_uz p(. | z): [Q, U]."""
-    m = topic_loglik.max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-      return self.log_pi + m + np.log(np.exp(topic_loglik - m) @ self.theta.T)
-
-  def text_user(self, tokens, mask) -> np.ndarray:
-    """P(author | text) scores: tokens/mask [Q, L] -> [Q, U]."""
-    return _round(self._user_scores(self._text_loglik(tokens, mask)))
-
-  def image_user(self, features) -> np.ndarray:
-    """P(poster | image) scores: features [Q, F] -> [Q, U]."""
-    return _round(self._user_scores(self._image_loglik(features)))
-
-  def user_text(self, tokens, mask) -> np.ndarray:
-    """log P(author = u | text c), for ranking texts per user: [U, C]."""
-    return _round(_posterior(self._user_scores(self._text_loglik(tokens, mask))).T)
-
-  def user_image(self, features) -> np.ndarray:
-    """log P(poster = u | image c), for ranking images per user: [U, C]."""
-    return _round(_posterior(self._user_scores(self._image_loglik(features))).T)
-
-  def _image_text_terms(self, features, tokens, mask):
-    """(log p(t_c | x_q) + k_c [Q, C], log p(t_c) + k_c [C]); k_c: a per-text constant."""
-    log_pz = logsumexp(np.log(self.theta + 1e-300) + self.log_pi[:, None], axis=0)
-    img = self._image_loglik(features) + log_pz
-    log_pz_x = img - logsumexp(img, axis=1, keepdims=True)       # [Q, T]
-    txt = self._text_loglik(tokens, mask)                         # [C, T]
-    txt = txt - txt.max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-      numer = np.log(np.exp(log_pz_x) @ np.exp(txt).T)            # [Q, C]
-    return numer, logsumexp(txt + log_pz, axis=1)
-
-  def image_text(self, features, tokens, mask) -> np.ndarray:
-    """Posterior that text c is image q's caption, prop. p(x_q, t_c) / p(t_c): [Q, C]."""
-    numer, denom = self._image_text_terms(features, tokens, mask)
-    return _round(numer - denom)
-
-  def text_image(self, tokens, mask, features) -> np.ndarray:
-    """Posterior that image q is text c's image, prop. p(t_c | x_q): [C, Q]."""
-    return _round(self._image_text_terms(features, tokens, mask)[0].T)
-
-  @staticmethod
-  def action_weight(theta_uz, followed):
-    """The planted odds that a user acts on a post: (theta_u[z_post] + 0.01)
-    x FOLLOW_BOOST when the user follows its author (the generator's draw)."""
-    return (theta_uz + 0.01) * np.where(followed, FOLLOW_BOOST, 1.0)
-
-  def action_scores(self, users, topics, followed) -> np.ndarray:
-    """log odds that each user acts on each post: users, topics, followed [n] -> [n]."""
-    return _round(np.log(self.action_weight(self.theta[users, topics], followed)))
-
-  def save(self, path: str) -> None:
-    np.savez(path, **dataclasses.asdict(self))
-
-  @classmethod
-  def load(cls, path: str) -> "Oracle":
-    with np.load(path) as z:
-      return cls(**{k: z[k] for k in z.files})
-
-
-def _posterior(log_joint: np.ndarray) -> np.ndarray:
-  """Rows of log p(x, u) -> log p(u | x)."""
-  return log_joint - logsumexp(log_joint, axis=1, keepdims=True)
-
-
-def _round(scores: np.ndarray) -> np.ndarray:
-  return np.round(scores, 6)
-
-
 # --------------------------------------------------------------- generator --
 
 def _zipf(n: int, rng) -> np.ndarray:
@@ -183,12 +97,15 @@ def _render(topic_colors, topic_freqs, z, rng, size) -> np.ndarray:
 
 
 def topic_name(z: int) -> str:
-  """The label of topic z in interests.txt ("topic03"), as in its words' names."""
+  """The label of topic z ("topic03"), as in its words' names."""
   return f"topic{z:02d}"
 
 
 def generate(spec: CorpusSpec) -> dict:
-  """Draws a corpus; returns posts, images, graph, vocab and the oracle."""
+  """Draws a corpus: posts (authors, topics, tokens [N, L] over `vocab`, image_id
+  [N], -1 = none, timestamps), images (features [I, F], pixels [I, S, S, 3] or
+  None), follows [E, 2], actions [A, 3] (user, post, seconds after the epoch
+  start) and the planted parameters (log_pi, theta, mu, log_phi [T, V])."""
   rng = np.random.default_rng(spec.seed)
   U, T = spec.num_users, spec.num_topics
 
@@ -249,7 +166,7 @@ def generate(spec: CorpusSpec) -> dict:
   followed[follows[:, 0], follows[:, 1]] = True
   actions = []
   for u in range(U):
-    w = Oracle.action_weight(theta[u, topics], followed[u, authors])
+    w = oracle.action_weight(theta[u, topics], followed[u, authors])
     w[authors == u] = 0
     k = min(spec.actions_per_user, int((w > 0).sum()))
     for p in rng.choice(n_posts, k, replace=False, p=w / w.sum()):
@@ -257,55 +174,69 @@ def generate(spec: CorpusSpec) -> dict:
 
   log_phi = np.zeros([T, V])
   log_phi[:, first_topic:first_bg] = np.log(phi)
-  oracle = Oracle(log_pi=np.log(pi), theta=theta, mu=mu, log_phi=log_phi)
   return dict(
       authors=authors, topics=topics, tokens=tokens, image_id=image_id,
       timestamps=_EPOCH_START + times,
       features=np.stack(feats) if feats else np.zeros([0, spec.feature_dim], np.float32),
       pixels=np.stack(pixels) if pixels else None,
-      follows=follows, actions=np.asarray(actions, np.int64),
-      vocab=vocab, oracle=oracle)
+      follows=follows, actions=np.asarray(actions, np.int64).reshape(-1, 3),
+      vocab=vocab, log_pi=np.log(pi), theta=theta, mu=mu, log_phi=log_phi)
 
 
-def write_corpus(spec: CorpusSpec, directory: str, split_fractions: Mapping[str, float],
-                 num_shards: int = 4) -> dict:
-  """Generates the corpus and writes it as a prepared dataset; returns metadata."""
-  os.makedirs(directory, exist_ok=True)
+def user_id(u: int) -> str:
+  return f"user{u:05d}"
+
+
+def post_id(i: int) -> str:
+  return f"p{i:07d}"
+
+
+def image_name(j: int, pixels: bool) -> str:
+  """An image as posts.jsonl names it: its file when it has pixels, else a key."""
+  return f"{IMAGES_DIR}/img{j:06d}.png" if pixels else f"img{j:06d}"
+
+
+def _write_jsonl(path: str, rows) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def write_crawl(spec: CorpusSpec, directory: str) -> dict:
+  """Generates the corpus and writes it as a raw crawl (module docstring) in
+  `directory`; returns counts of what was written."""
   corpus = generate(spec)
+  os.makedirs(directory, exist_ok=True)
+  vocab, has_pixels = corpus["vocab"], corpus["pixels"] is not None
+  names = [image_name(j, has_pixels) for j in range(len(corpus["features"]))]
+  _write_jsonl(os.path.join(directory, POSTS_FILE), (
+      {"post_id": post_id(i), "user_id": user_id(u),
+       "text": " ".join(vocab[t] for t in corpus["tokens"][i] if t != records.PAD_ID),
+       "image": names[img] if img >= 0 else None, "timestamp": int(stamp),
+       "topic": topic_name(z)}
+      for i, (u, z, img, stamp) in enumerate(zip(
+          corpus["authors"].tolist(), corpus["topics"].tolist(),
+          corpus["image_id"].tolist(), corpus["timestamps"].tolist()))))
+  records.save_npz(os.path.join(directory, FEATURES_FILE),
+                   **dict(zip(names, corpus["features"])))
+  if has_pixels:
+    os.makedirs(os.path.join(directory, IMAGES_DIR), exist_ok=True)
+    for name, pixels in zip(names, corpus["pixels"]):
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(records.encode_png(pixels))
+  _write_jsonl(os.path.join(directory, ACTIONS_FILE), (
+      {"user_id": user_id(u), "post_id": post_id(p), "timestamp": _EPOCH_START + t}
+      for u, p, t in corpus["actions"].tolist()))
+  _write_jsonl(os.path.join(directory, FOLLOWS_FILE), (
+      {"user_id": user_id(u), "followee_id": user_id(v)}
+      for u, v in corpus["follows"].tolist()))
+  topic_words = slice(2, 2 + spec.num_topics * spec.words_per_topic)
   n = len(corpus["authors"])
-  # Group = the image for posts with one, else the post itself: no image straddles splits.
-  groups = np.where(corpus["image_id"] >= 0, corpus["image_id"], n + np.arange(n))
-  assignment = splits.split_by_group(groups, split_fractions, spec.seed)
-  png = ([records.encode_png(p) for p in corpus["pixels"]]
-         if corpus["pixels"] is not None else None)
-
-  def posts(split):
-    for i in np.flatnonzero(assignment == split):
-      img = corpus["image_id"][i]
-      yield dict(post_id=f"p{i:07d}", user=corpus["authors"][i],
-                 tokens=corpus["tokens"][i], image_id=img,
-                 image_features=corpus["features"][img] if img >= 0 else None,
-                 image_encoded=png[img] if png is not None and img >= 0 else None,
-                 timestamp=corpus["timestamps"][i], topic=corpus["topics"][i])
-
-  split_meta = {s: records.write_split(directory, s, posts(s), num_shards)
-                for s in records.SPLITS}
-  records.write_lines(directory, records.VOCAB_FILE, corpus["vocab"])
-  records.write_lines(directory, records.USERS_FILE,
-                      (f"user{u:05d}" for u in range(spec.num_users)))
-  records.write_lines(directory, records.INTERESTS_FILE,    # the planted interests
-                      ("\t".join(topic_name(z) for z in np.flatnonzero(row > 0))
-                       for row in corpus["oracle"].theta))
-  corpus["oracle"].save(os.path.join(directory, ORACLE_FILE))
-  actions = corpus["actions"].copy()
-  actions[:, 2] += _EPOCH_START
-  np.savez(os.path.join(directory, GRAPH_FILE), follows=corpus["follows"], actions=actions,
-           post_ids=np.array([f"p{i:07d}" for i in range(n)]))
-  metadata = dict(
-      source="embedded", spec=dataclasses.asdict(spec),
-      num_users=spec.num_users, vocab_size=len(corpus["vocab"]),
-      max_len=records.MAX_LEN, feature_dim=spec.feature_dim,
-      image_size=spec.image_size, num_images=int(len(corpus["features"])),
-      splits=split_meta)
-  records.write_metadata(directory, metadata)
-  return metadata
+  oracle.write_truth(
+      os.path.join(directory, oracle.ORACLE_FILE),
+      users=np.array([user_id(u) for u in range(spec.num_users)]),
+      log_pi=corpus["log_pi"], theta=corpus["theta"],
+      words=np.array(vocab[topic_words]), log_phi=corpus["log_phi"][:, topic_words],
+      mu=corpus["mu"], post_ids=np.array([post_id(i) for i in range(n)]),
+      post_topics=corpus["topics"])
+  return dict(posts=n, users=spec.num_users, images=len(names),
+              actions=len(corpus["actions"]), follows=len(corpus["follows"]))

@@ -9,14 +9,12 @@ in the training split; id 0 is padding and id 1 the unknown word.
 """
 
 import collections
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from gensim.parsing.preprocessing import STOPWORDS
-
 from input_pipeline import records
 
-STOP_WORDS = frozenset(STOPWORDS) | {"rt"}
 PAD, UNK = "<pad>", "<unk>"
 
 _URL = re.compile(r"(?:https?://|ftp://|www\.)\S*", re.IGNORECASE)
@@ -26,11 +24,19 @@ _EMOTICON = re.compile(r"(?<!\w)(?:[:;=8][-'^o]?[)(\]\[dDpP/\\|*oO3]+|<3)(?!\w)"
 _WORD = re.compile(r"[^\W_]+")   # runs of Unicode letters and digits
 
 
+@functools.cache
+def stop_words() -> frozenset[str]:
+  """gensim's English stopwords and "rt" (gensim imported on first use: ~2 s)."""
+  from gensim.parsing.preprocessing import STOPWORDS
+  return frozenset(STOPWORDS) | {"rt"}
+
+
 def clean_text(text: str) -> list[str]:
   """Raw text -> cleaned words, in order (possibly empty)."""
   text = text.replace("\\n", " ")   # escaped newlines left in crawled text
   text = _EMOTICON.sub(" ", _MENTION.sub(" ", _URL.sub(" ", text)))
-  return [w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
+  stop = stop_words()
+  return [w for w in _WORD.findall(text.lower()) if w not in stop]
 
 
 def build_vocab(counts: Mapping[str, int], min_count: int = 5) -> list[str]:

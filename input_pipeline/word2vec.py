@@ -9,6 +9,7 @@ gensim did not keep get the mean vector) and users [U, dim] (users without
 a vocabulary word in training get the mean vector).
 """
 
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -17,13 +18,21 @@ from scipy import sparse
 INIT_FILE = "word2vec_init.npz"
 
 
-def train(sentences: Iterable[Sequence[str]], dim: int = 300, epochs: int = 5,
-          workers: int = 2, seed: int = 0):
-  """Skip-gram Word2Vec (a gensim model) on a restartable iterable of word lists."""
+def train(sentences: Iterable[Sequence[str]], dim: int = 300, epochs: int = 5, seed: int = 0):
+  """Skip-gram Word2Vec (a gensim model) on a restartable iterable of word lists.
+
+  Deterministic: the same sentences and seed give the same vectors in any
+  process. One worker thread (gensim's threads take jobs in a racy order) and a
+  hash of words that Python's per-process salt does not change.
+  """
   import gensim   # imported here: readers of INIT_FILE need no gensim
   return gensim.models.Word2Vec(sentences=sentences, vector_size=dim, window=5,
-                                min_count=1, sg=1, epochs=epochs, workers=workers,
-                                seed=seed)
+                                min_count=1, sg=1, epochs=epochs, workers=1,
+                                seed=seed, hashfxn=_stable_hash)
+
+
+def _stable_hash(word: str) -> int:
+  return zlib.crc32(word.encode("utf-8"))
 
 
 def word_matrix(model, vocab: Sequence[str]) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""Prepares a raw crawl (JSONL posts + image folder) into training shards.
+"""Prepares a raw crawl (JSONL posts + image folder [+ actions, follows]) into training shards.
 
   python launch/prepare_data.py --posts=posts.jsonl --out=DATA [--text_fields=subject,text]
-      [--interest_field=group]
+      [--interest_field=group] [--actions=actions.jsonl --follows=follows.jsonl]
   python launch/train.py --config=configs/du2mce.py --config.data.dir=DATA \
       --config.model.image_input=pixels
 """
@@ -24,7 +24,14 @@ flags.DEFINE_string("interest_field", None, "Field whose values over a user's po
                     "the user's interests (interests.txt, for launch/interests.py).")
 flags.DEFINE_string("image_root", None, "Folder of the images (default: the posts' folder).")
 flags.DEFINE_integer("image_size", _D.image_size, "Side of the stored RGB images.")
-flags.DEFINE_string("image_features", None, ".npz: image path or id -> feature vector.")
+flags.DEFINE_string("image_features", None, ".npz: image path or id -> feature vector "
+                    "(an image without a file but with a vector is kept as features).")
+flags.DEFINE_string("actions", None, "Actions for the family models, one JSON object a "
+                    "line: user_id, post_id[, timestamp, kind] (written to graph.npz).")
+flags.DEFINE_string("follows", None, "The follow graph, one JSON object a line: user_id, "
+                    "followee_id (written to graph.npz).")
+flags.DEFINE_string("oracle", None, "A planted-truth file (input_pipeline/oracle.py), "
+                    "copied into the dataset for the evaluators' oracle.")
 flags.DEFINE_integer("max_image_pixels", _D.max_image_pixels, "Larger images are refused.")
 flags.DEFINE_float("test_fraction", _D.test_fraction, "Fraction of groups held out for test.")
 flags.DEFINE_float("validation_fraction", _D.validation_fraction, "... for validation.")
@@ -55,7 +62,7 @@ def main(argv):
   try:
     report = prepare.prepare(FLAGS.posts, FLAGS.out, options)
   except prepare.PrepareError as e:
-    sys.exit(f"prepare_data: {FLAGS.posts}: {e} (--strict)")
+    sys.exit(f"prepare_data: {e}")
   print(prepare.summary(report))
 
 

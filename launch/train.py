@@ -43,9 +43,9 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("runs", name)
   try:
     data_dir = config.data.dir
-    if not data_dir:
+    if not data_dir:                   # the embedded corpus, made by process 0
       if jax.process_index() == 0:
-        data_dir = embedded.ensure(config, workdir)
+        embedded.for_config(config, workdir)
       multihost_utils.sync_global_devices("embedded corpus")
       data_dir = embedded.data_dir(workdir)
     train.train_and_evaluate(config, workdir, data_dir, records.read_metadata(data_dir))

@@ -30,7 +30,7 @@ def prepared(config, workdir) -> tuple[str, dict]:
   """(data dir, metadata): config.data.dir, or the embedded corpus under workdir
   (generated and prepared as launch/train.py does)."""
   from input_pipeline import embedded, records
-  data_dir = config.data.dir or embedded.ensure(config, str(workdir))
+  data_dir = config.data.dir or embedded.for_config(config, str(workdir))
   return data_dir, records.read_metadata(data_dir)
 
 

@@ -1,9 +1,11 @@
 """Actions -> time splits, negatives, semantic triplets and resumable batches."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from input_pipeline import interactions, synthetic
+from input_pipeline import embedded, interactions, records, synthetic
 
 SPEC = synthetic.CorpusSpec(num_users=30, num_topics=6, posts_per_user=40, feature_dim=8,
                             image_size=8, actions_per_user=30, followees=4, seed=1)
@@ -11,23 +13,38 @@ SPEC = synthetic.CorpusSpec(num_users=30, num_topics=6, posts_per_user=40, featu
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("corpus"))
-  meta = synthetic.write_corpus(SPEC, d, {"test": 0.2, "validation": 0.05})
-  return interactions.load(d, meta, "image"), meta
+  d = embedded.ensure(dataclasses.asdict(SPEC), {"test": 0.2, "validation": 0.05},
+                      num_shards=4, word2vec_dim=0, seed=0,
+                      root=str(tmp_path_factory.mktemp("corpus")), log=lambda *a: None)
+  meta = records.read_metadata(d)
+  return interactions.load(d, meta, "image"), meta, d
 
 
 def test_post_table_follows_the_graph(data):
-  data, meta = data
+  """The prepared post table and graph are the generator's, through prepare's ids."""
+  data, meta, d = data
   corpus = synthetic.generate(SPEC)
-  np.testing.assert_array_equal(data.posts["user"], corpus["authors"])
-  np.testing.assert_array_equal(data.posts["tokens"][:, :5], corpus["tokens"][:, :5])
+  users = np.array(records.read_lines(d, records.USERS_FILE))
+  vocab = np.array(records.read_lines(d, records.VOCAB_FILE))
+  post = np.array([int(p.removeprefix("p")) for p in data.post_ids])   # generator index
+  assert sorted(post) == list(range(len(corpus["authors"])))
+  np.testing.assert_array_equal(users[data.posts["user"]],
+                                [synthetic.user_id(u) for u in corpus["authors"][post]])
+  words = np.array(corpus["vocab"])[corpus["tokens"][post]]
+  kept = np.isin(words, vocab[2:])                      # the others became <unk>
+  np.testing.assert_array_equal(vocab[data.posts["tokens"]][kept], words[kept])
   assert data.posts["image"].shape[1:] == (8, 8, 3)
+  acted = {(synthetic.user_id(u), synthetic.post_id(p), t + synthetic._EPOCH_START)
+           for u, p, t in corpus["actions"].tolist()}
+  assert acted == {(users[u], data.post_ids[p], t) for u, p, t in data.actions.tolist()}
+  follows = {tuple(synthetic.user_id(u) for u in e) for e in corpus["follows"].tolist()}
+  assert follows == {(users[u], users[v]) for u, v in data.follows.tolist()}
   assert (data.actions[:, 2] >= data.posts["timestamp"][data.actions[:, 1]]).all()
 
 
 @pytest.mark.parametrize("test,validation", [(0.2, 0.1), (5, 2)])
 def test_each_users_most_recent_actions_are_held_out(data, test, validation):
-  data, _ = data
+  data = data[0]
   splits = interactions.split_actions(data, test, validation)
   assert sum(len(v) for v in splits.values()) == len(data.actions)
   for u in range(data.num_users):
@@ -41,7 +58,7 @@ def test_each_users_most_recent_actions_are_held_out(data, test, validation):
 
 
 def test_images_only_split_keeps_preferred_images(data):
-  data, _ = data
+  data = data[0]
   splits = interactions.split_actions(data, 3, 1, images_only=True)
   for v in splits.values():
     assert data.posts["image_mask"][data.actions[v, 1]].all()
@@ -49,7 +66,7 @@ def test_images_only_split_keeps_preferred_images(data):
 
 @pytest.mark.parametrize("kind", ["time_window", "random", "followee"])
 def test_negatives_are_valid_and_follow_their_rule(data, kind):
-  data, _ = data
+  data = data[0]
   train = interactions.split_actions(data, 0.2, 0.0)["train"]
   acts = data.actions[train]
   negatives = interactions.Negatives(data, train, kind, window_minutes=60)
@@ -70,7 +87,7 @@ def test_negatives_are_valid_and_follow_their_rule(data, kind):
 
 
 def test_triplets_resume_and_split_over_processes(data):
-  data, meta = data
+  data, meta, _ = data
   train = interactions.split_actions(data, 0.2, 0.0)["train"]
   clusters = interactions.semantic_clusters(data, meta["vocab_size"], num_clusters=12, dim=16)
   bags = interactions.user_bags(data, clusters, 12)

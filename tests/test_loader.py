@@ -1,20 +1,30 @@
 """Per-process shuffled batches, epoch coverage, and resumable iterator state."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from input_pipeline import loader, records, synthetic
+from input_pipeline import embedded, loader, records
 
-SPEC = synthetic.CorpusSpec(num_users=20, num_topics=4, posts_per_user=12,
-                            feature_dim=8, seed=1)
+SPEC = dict(num_users=20, num_topics=4, posts_per_user=12, feature_dim=8, seed=1)
+
+
+def _prepared(root: str, num_shards: int) -> tuple[str, dict]:
+  d = embedded.ensure(SPEC, {"test": 0.1}, num_shards=num_shards, word2vec_dim=0, seed=0,
+                      root=root, log=lambda *a: None)
+  return d, records.read_metadata(d)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("data"))
-  return d, synthetic.write_corpus(SPEC, d, {"test": 0.1}, num_shards=4)
+  return _prepared(str(tmp_path_factory.mktemp("data")), num_shards=4)
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+  return _prepared(str(tmp_path_factory.mktemp("two_shards")), num_shards=2)
 
 
 def _iterator(data, batch_size=10, **kw):
@@ -74,9 +84,9 @@ def test_too_few_shards_for_the_processes_is_an_error(data):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_shard_fails_with_file_and_record(tmp_path, damage):
-  d = str(tmp_path)
-  meta = synthetic.write_corpus(SPEC, d, {"test": 0.1}, num_shards=2)
+def test_damaged_shard_fails_with_file_and_record(two_shards, tmp_path, damage):
+  d = shutil.copytree(two_shards[0], str(tmp_path / "data"))
+  meta = two_shards[1]
   shard = os.path.join(d, meta["splits"]["train"]["shards"][1])
   data = bytearray(open(shard, "rb").read())
   offsets = np.fromfile(shard + ".index", dtype="<i8")

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import sparse
 
 from configs import du2mce
-from input_pipeline import loader, prepare, records, text, word2vec
+from input_pipeline import interactions, loader, prepare, records, text, word2vec
 from sempre_jax import train
 from sempre_jax.evals import retrieval as evaluation
 
@@ -137,7 +137,7 @@ def test_strict_stops_at_the_first_bad_record(bad_corpus, tmp_path):
 
 def test_word2vec_rows_and_user_means_match_gensim():
   sentences = [["storm", "flood", "city"], ["shark", "storm"], ["city", "night"]] * 5
-  model = word2vec.train(sentences, dim=8, epochs=2, workers=1)
+  model = word2vec.train(sentences, dim=8, epochs=2)
   vocab = [text.PAD, text.UNK, "storm", "city", "flood", "shark", "night"]
   words = word2vec.word_matrix(model, vocab)
   for i, w in enumerate(vocab[2:], 2):
@@ -202,6 +202,10 @@ def test_text_only_corpus_trains_and_evaluates(tmp_path, capsys):
   report = prepare.prepare(str(tmp_path / "posts.jsonl"), out, prepare.Options(
       text_fields=("subject", "text"), word2vec_dim=8, workers=1), log=lambda *a: None)
   assert report["num_images"] == 0 and report["feature_dim"] == 0
+  # 240 posts: a validation split of 2% is too small to measure (a warning).
+  validation = report["posts_per_split"]["validation"]
+  assert validation < prepare.MIN_HELD_OUT
+  assert f"warning: the validation split has {validation} posts" in prepare.summary(report)
   assert [n for n in report["notes"] if "no images" in n and "image_input=features" in n]
   train_users = {int(p["user"]) for p in _read_split(out, "train")}
   test_posts = _read_split(out, "test")
@@ -318,3 +322,135 @@ def test_interest_field_collects_each_users_values_over_all_kept_posts(tmp_path)
                           prepare.Options(word2vec_dim=0, workers=1), log=lambda *a: None)
   assert plain["interests"] is None
   assert records.read_lines(str(tmp_path / "plain"), records.INTERESTS_FILE) is None
+
+
+# ---------------------------------------------------------- actions, follows --
+
+def _jsonl(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def social_crawl(tmp_path_factory):
+  """Posts (one image known only by its vector, one post whose image has no vector),
+  actions and follows with one line of each kind of problem."""
+  d = tmp_path_factory.mktemp("social")
+  (d / "images").mkdir()
+  (d / "images" / "rgb.png").write_bytes(_png("RGB"))
+  vector = np.arange(4, dtype=np.float32)
+  np.savez(d / "feats.npz", f1=vector)
+  rng = np.random.default_rng(3)
+  stamp = lambda i: 1_420_070_400 + 60 * i
+  posts = [{"post_id": f"p{i}", "user_id": f"u{i % 3}", "timestamp": stamp(i),
+            "text": " ".join(rng.choice(WORDS, 6))} for i in range(10)]
+  posts += [{"post_id": "pf", "user_id": "u0", "text": "storm", "image": "f1"},
+            {"post_id": "pgone", "user_id": "u1", "text": "http://t.co/x",
+             "image": "images/rgb.png"}]                 # no vector: nothing left
+  actions = [{"user_id": "u1", "post_id": "p0", "timestamp": 100, "kind": "like"},
+             {"user_id": "u1", "post_id": "p0", "timestamp": 200},     # duplicate_action
+             {"user_id": "lurker", "post_id": "p1"},                   # the post's time
+             {"user_id": "u2", "post_id": "nope"},                     # unknown_post_id
+             {"user_id": "u2", "post_id": "pgone"},                    # post_not_written
+             {"user_id": "u2", "post_id": "p2", "timestamp": "yesterday"},
+             {"post_id": "p3"}, {"user_id": "u2"}, "{not json",
+             {"user_id": "u0", "post_id": "pf", "timestamp": "2015-01-01T00:00:00+00:00",
+              "kind": "reshare"}]
+  follows = [{"user_id": "u0", "followee_id": "u1"}, {"user_id": "u0", "followee_id": "u1"},
+             {"user_id": "u1", "followee_id": "u1"}, {"user_id": "u2"},
+             {"user_id": "lurker", "followee_id": "ghost"}, "[1, 2]"]
+  return dict(posts=_jsonl(d / "posts.jsonl", posts),
+              actions=_jsonl(d / "actions.jsonl", actions),
+              follows=_jsonl(d / "follows.jsonl", follows),
+              features=str(d / "feats.npz"), vector=vector, stamp=stamp)
+
+
+def test_actions_and_follows_become_the_graph(social_crawl, tmp_path):
+  c = social_crawl
+  out = str(tmp_path / "data")
+  report = prepare.prepare(c["posts"], out, prepare.Options(
+      actions=c["actions"], follows=c["follows"], image_features=c["features"],
+      test_fraction=0, validation_fraction=0, min_count=1, word2vec_dim=0, workers=1),
+      log=lambda *a: None)
+  count = lambda kind: {r: p["count"] for r, p in report[kind]["problems"].items()}
+  assert count("actions") == {"duplicate_action": 1, "unknown_post_id": 1,
+                              "post_not_written": 1, "bad_timestamp": 1, "missing_user_id": 1,
+                              "missing_post_id": 1, "malformed_json": 1}
+  assert count("follows") == {"duplicate_follow": 1, "self_follow": 1,
+                              "missing_followee_id": 1, "malformed_json": 1}
+  # Users who only act or follow come after those with posts.
+  users = records.read_lines(out, records.USERS_FILE)
+  assert users == ["u0", "u1", "u2", "lurker", "ghost"] and report["users_without_posts"] == 2
+  meta = records.read_metadata(out)
+  assert (meta["num_users"], meta["users_with_posts"], meta["image_size"]) == (5, 3, 0)
+  data = interactions.load(out, meta, "image_features")
+  row = {p: r for r, p in enumerate(data.post_ids)}
+  assert sorted(row) == sorted([f"p{i}" for i in range(10)] + ["pf"])
+  u = {name: i for i, name in enumerate(users)}
+  assert data.actions.tolist() == [[u["u1"], row["p0"], 100],
+                                   [u["lurker"], row["p1"], c["stamp"](1)],
+                                   [u["u0"], row["pf"], 1_420_070_400]]
+  assert data.follows.tolist() == [[u["u0"], u["u1"]], [u["lurker"], u["ghost"]]]
+  with np.load(os.path.join(out, records.GRAPH_FILE)) as g:
+    assert g["action_kinds"].tolist() == ["like", "", "reshare"]
+  # The image known only by its vector: features, no pixels.
+  np.testing.assert_array_equal(data.posts["image_features"][row["pf"]], c["vector"])
+  assert data.posts["image_mask"].sum() == 1 and report["images_without_pixels"] == 1
+  assert "actions: 3 written; problems: bad_timestamp 1" in prepare.summary(report)
+
+
+def test_prepare_is_byte_identical_across_processes(social_crawl, tmp_path):
+  """Same command and seed, different hash salts: the same bytes (Word2Vec included)."""
+  c = social_crawl
+  outs = [tmp_path / "a", tmp_path / "b"]
+  runs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"), f"--posts={c['posts']}",
+       f"--out={out}", f"--actions={c['actions']}", f"--follows={c['follows']}",
+       f"--image_features={c['features']}", "--min_count=1", "--word2vec_dim=8",
+       "--test_fraction=0.2"], env={**os.environ, "PYTHONPATH": ROOT, "PYTHONHASHSEED": seed},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for out, seed in zip(outs, "12")]
+  for run in runs:
+    assert run.wait(timeout=300) == 0, run.stderr.read().decode()
+  names = sorted(os.listdir(outs[0]))
+  assert names == sorted(os.listdir(outs[1])) and word2vec.INIT_FILE in names
+  for name in names:
+    a, b = (open(o / name, "rb").read() for o in outs)
+    if name == prepare.REPORT_FILE:
+      a, b = ({**json.loads(x), "seconds": 0, "out_dir": ""} for x in (a, b))
+    assert a == b, name
+
+
+# ------------------------------------------------------ crawls that cannot work --
+
+def _bad_crawls(d):
+  """{case: (flags, words the one-line error must contain)}."""
+  (d / "empty.jsonl").write_text("")
+  _jsonl(d / "authors.jsonl", [{"post_id": str(i), "author": "a", "text": "storm flood"}
+                               for i in range(5)])
+  _jsonl(d / "rare.jsonl", [{"post_id": str(i), "user_id": "a", "text": f"w{i} x{i}"}
+                            for i in range(5)])
+  (d / "not_truth.npz").write_bytes(b"no")
+  ok = f"--posts={d / 'rare.jsonl'}"
+  return {
+      "empty file": ([f"--posts={d / 'empty.jsonl'}"], ["empty.jsonl is empty"]),
+      "bad field name": ([f"--posts={d / 'authors.jsonl'}", "--word2vec_dim=0"],
+                         ["5 of 5 lines have no field 'user_id' (set --user_field)",
+                          "'author'"]),
+      "no word reaches min_count": ([ok], ["--min_count=5", "distinct words"]),
+      "missing actions": ([ok, f"--actions={d / 'nope.jsonl'}"], ["--actions:"]),
+      "missing features": ([ok, f"--image_features={d / 'nope.npz'}"], ["--image_features:"]),
+      "not a truth file": ([ok, f"--oracle={d / 'not_truth.npz'}"], ["--oracle:"]),
+  }
+
+
+@pytest.mark.parametrize("case", ["empty file", "bad field name", "no word reaches min_count",
+                                  "missing actions", "missing features", "not a truth file"])
+def test_a_crawl_that_cannot_work_is_one_line_and_exit_1(tmp_path, case):
+  flags, words = _bad_crawls(tmp_path)[case]
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"),
+                        f"--out={tmp_path / 'out'}", "--workers=1", *flags],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  assert run.returncode == 1
+  assert run.stderr.startswith("prepare_data: ") and run.stderr.count("\n") == 1, run.stderr
+  for w in words:
+    assert w in run.stderr

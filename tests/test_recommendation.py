@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from input_pipeline import interactions, synthetic
+from input_pipeline import embedded, interactions, records
 from sempre_jax.evals import recommendation
 
 
@@ -42,10 +42,11 @@ def test_hand_case():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("corpus"))
-  spec = synthetic.CorpusSpec(num_users=20, num_topics=4, posts_per_user=30, feature_dim=4,
-                              actions_per_user=30, followees=5, seed=2)
-  data = interactions.load(d, synthetic.write_corpus(spec, d, {"test": 0.2}), "image_features")
+  spec = dict(num_users=20, num_topics=4, posts_per_user=30, feature_dim=4,
+              actions_per_user=30, followees=5, seed=2)
+  d = embedded.ensure(spec, {"test": 0.2}, num_shards=4, word2vec_dim=0, seed=0,
+                      root=str(tmp_path_factory.mktemp("corpus")), log=lambda *a: None)
+  data = interactions.load(d, records.read_metadata(d), "image_features")
   return data, interactions.split_actions(data, 0.3, 0.0)
 
 

@@ -25,7 +25,7 @@ def test_frame_layout():
 
 def _post(i, **kw):
   post = dict(post_id=f"id{i}", user=i % 3, tokens=[5, 6, 7][: i % 4],
-              image_id=i if i % 2 else -1, timestamp=1000 + i, topic=i % 5,
+              image_id=i if i % 2 else -1, timestamp=1000 + i,
               image_features=np.full([4], i, np.float32) if i % 2 else None)
   post.update(kw)
   return post

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from input_pipeline import loader, records, synthetic
+from input_pipeline import loader, oracle, records
 from sempre_jax.analysis import export, search, space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,10 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_topic_query_finds_its_posts_and_users(trained_workdir, tmp_path):
   embeddings = space.Space.restore(str(trained_workdir))
   data_dir, meta = embeddings.data_dir, embeddings.metadata
+  planted = oracle.load(data_dir)
   topic_of, text_topics = {}, []
   for batch in loader.eval_batches(data_dir, meta, "train", 512, None):
-    topic_of.update(zip((p.decode() for p in batch["post_id"]), batch["topic"]))
-    text_topics += list(batch["topic"][batch["text_mask"].any(1)])
+    ids = [p.decode() for p in batch["post_id"]]
+    topics = planted.topics(ids)
+    topic_of.update(zip(ids, topics))
+    text_topics += list(topics[batch["text_mask"].any(1)])
   z = int(np.bincount(text_topics).argmax())                # the most posted topic
   query = " ".join(f"TOPIC{z:02d}w{i:02d}" for i in range(records.MAX_LEN))
   result = search.search(embeddings, query, k=10)
@@ -31,7 +34,7 @@ def test_topic_query_finds_its_posts_and_users(trained_workdir, tmp_path):
   assert len(hits) >= 5 and np.mean(hits) >= 0.8 > np.mean(np.equal(text_topics, z))
   # Users: mostly interested in the topic, against the share of users who are
   # (text->user is the noisiest task of this tiny model: 3 of the top 5).
-  theta = synthetic.Oracle.load(os.path.join(data_dir, synthetic.ORACLE_FILE)).theta
+  theta = planted.theta                                      # [U, T] in the data's user ids
   names = records.read_lines(data_dir, records.USERS_FILE)
   interested = [theta[names.index(r["user_id"]), z] > 0 for r in result["users"][:5]]
   assert np.mean(interested) >= max(0.6, 2 * np.mean(theta[:, z] > 0))

@@ -1,14 +1,20 @@
-"""The embedded corpus: planted truth, non-trivial identity, leakage-free splits."""
+"""The embedded corpus: planted truth, non-trivial identity, leakage-free splits,
+its crawl surviving prepare, and the oracle on the prepared data."""
+
+import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
 
-from input_pipeline import records, splits, synthetic
+from input_pipeline import embedded, loader, oracle, records, splits, synthetic, text
 from sempre_jax.evals import ranks
 
 SPEC = synthetic.CorpusSpec(num_users=60, num_topics=12, posts_per_user=30,
                             feature_dim=64, signal=0.6, followees=5,
                             actions_per_user=5, seed=3)
+FRACTIONS = {"test": 0.2, "validation": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +22,36 @@ def corpus():
   return synthetic.generate(SPEC)
 
 
-def test_same_seed_same_corpus(corpus):
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """The corpus through prepare: (data dir, crawl dir, {split: records with features})."""
+  root = str(tmp_path_factory.mktemp("embedded"))
+  data_dir = embedded.ensure(dataclasses.asdict(SPEC), FRACTIONS, num_shards=2,
+                             word2vec_dim=0, seed=0, root=root, log=lambda *a: None)
+  meta = records.read_metadata(data_dir)
+  posts = {s: {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+           for s in records.SPLITS
+           if (batches := list(loader.eval_batches(data_dir, meta, s, 4096, "features")))}
+  return data_dir, os.path.join(root, embedded.CRAWL_DIR), posts
+
+
+def test_same_seed_same_corpus_and_crawl(corpus, tmp_path):
   again = synthetic.generate(SPEC)
   np.testing.assert_array_equal(again["tokens"], corpus["tokens"])
   np.testing.assert_array_equal(again["features"], corpus["features"])
+  small = dataclasses.replace(SPEC, num_users=8, image_size=4)
+  for d in ("a", "b"):
+    synthetic.write_crawl(small, str(tmp_path / d))
+  names = sorted(os.listdir(tmp_path / "a"))
+  assert names == sorted(os.listdir(tmp_path / "b")) and "images" in names
+  for name in names:
+    if name != "images":
+      assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_synthetic_words_survive_cleaning(corpus):
+  words = corpus["vocab"][2:]         # "topic03w01", "common042", ...
+  assert text.clean_text(" ".join(words)) == words
 
 
 def test_no_token_unique_to_a_user_is_in_all_of_its_posts(corpus):
@@ -38,23 +70,24 @@ def _ranks(scores, gt):
   return ranks.ranks_from_scores(scores, ranks.GroundTruth.single(gt))
 
 
-def test_oracle_recovers_the_planted_structure(corpus):
-  """The true posterior ranks far above chance, and above a wrong model."""
-  oracle, authors = corpus["oracle"], corpus["authors"]
-  tokens = corpus["tokens"][:500]
-  text_user = _ranks(oracle.text_user(tokens, tokens != 0), authors[:500])
-  assert np.median(text_user) < 0.15 * SPEC.num_users / 2
-  shuffled = synthetic.Oracle(oracle.log_pi, np.random.default_rng(0).permutation(
-      oracle.theta), oracle.mu, oracle.log_phi)
-  wrong = _ranks(shuffled.text_user(tokens, tokens != 0), authors[:500])
-  assert np.median(wrong) > 3 * np.median(text_user)
+def test_oracle_recovers_the_planted_structure(prepared):
+  """The true posterior ranks far above chance, and above a wrong model, on the
+  prepared records (its vocabulary and user index)."""
+  data_dir, _, posts = prepared
+  o = oracle.load(data_dir)
+  tokens, mask, users = (posts["train"][k][:500] for k in ("tokens", "text_mask", "user"))
+  U = len(o.log_pi)
+  text_user = _ranks(o.text_user(tokens, mask), users)
+  assert np.median(text_user) < 0.15 * U / 2
+  wrong = dataclasses.replace(o, theta=np.random.default_rng(0).permutation(o.theta))
+  assert np.median(_ranks(wrong.text_user(tokens, mask), users)) > 3 * np.median(text_user)
 
-  with_image = np.flatnonzero(corpus["image_id"] >= 0)[:300]
-  feats = corpus["features"][corpus["image_id"][with_image]]
-  image_user = _ranks(oracle.image_user(feats), authors[with_image])
-  assert np.median(image_user) < 0.15 * SPEC.num_users / 2
-  caps = corpus["tokens"][with_image]
-  image_text = _ranks(oracle.image_text(feats, caps, caps != 0), np.arange(300))
+  with_image = np.flatnonzero(posts["train"]["image_mask"])[:300]
+  feats = posts["train"]["image_features"][with_image]
+  image_user = _ranks(o.image_user(feats), posts["train"]["user"][with_image])
+  assert np.median(image_user) < 0.15 * U / 2
+  caps, cap_mask = posts["train"]["tokens"][with_image], posts["train"]["text_mask"][with_image]
+  image_text = _ranks(o.image_text(feats, caps, cap_mask), np.arange(300))
   assert np.median(image_text) < 0.15 * 300 / 2
 
 
@@ -68,7 +101,7 @@ def test_images_carry_their_topic_and_reshares_reuse_ids(corpus):
 
 
 def test_follows_and_actions_follow_interests(corpus):
-  follows, actions, theta = corpus["follows"], corpus["actions"], corpus["oracle"].theta
+  follows, actions, theta = corpus["follows"], corpus["actions"], corpus["theta"]
   assert len(follows) == SPEC.num_users * SPEC.followees
   assert (follows[:, 0] != follows[:, 1]).all()
   overlap = (theta[follows[:, 0]] * theta[follows[:, 1]]).sum(1).mean()
@@ -80,17 +113,17 @@ def test_follows_and_actions_follow_interests(corpus):
   assert (times >= corpus["timestamps"][posts] - synthetic._EPOCH_START).all()
 
 
-def test_written_corpus_splits_by_image_and_keeps_every_post(tmp_path):
-  meta = synthetic.write_corpus(SPEC, str(tmp_path), {"test": 0.2, "validation": 0.05})
-  parse = records.Parser(feature_dim=SPEC.feature_dim)
-  seen = {}
-  for split, m in meta["splits"].items():
-    reader = records.ShardReader([str(tmp_path / s) for s in m["shards"]])
-    seen[split] = [parse(reader[i]) for i in range(len(reader))]
-  assert sum(len(v) for v in seen.values()) == round(SPEC.num_users * SPEC.posts_per_user)
-  images = {s: {e["image_id"] for e in v if e["image_mask"]} for s, v in seen.items()}
+def test_prepared_corpus_splits_by_image_and_keeps_every_post(prepared):
+  data_dir, _, posts = prepared
+  report = json.load(open(os.path.join(data_dir, "prepare_report.json")))
+  n = round(SPEC.num_users * SPEC.posts_per_user)
+  assert report["problems"] == {} and report["posts_written"] == n
+  assert sum(len(p["user"]) for p in posts.values()) == n
+  images = {s: set(p["image_id"][p["image_mask"]]) for s, p in posts.items()}
   assert not images["train"] & images["test"] and not images["train"] & images["validation"]
-  assert 0.1 < len(seen["test"]) / sum(len(v) for v in seen.values()) < 0.3
+  assert 0.1 < len(posts["test"]["user"]) / n < 0.3
+  assert report["actions"]["written"] == SPEC.num_users * SPEC.actions_per_user
+  assert report["follows"]["written"] == SPEC.num_users * SPEC.followees
 
 
 def test_split_fractions_are_validated():
@@ -98,29 +131,32 @@ def test_split_fractions_are_validated():
     splits.split_by_group(np.arange(10), {"test": 0.6, "validation": 0.5}, 0)
 
 
-def test_oracle_ranks_texts_and_images_per_user(corpus):
+def test_oracle_ranks_texts_and_images_per_user(prepared):
   """user->text / user->image: the per-post posterior P(u | post) beats the joint p(post, u)."""
-  oracle, authors = corpus["oracle"], corpus["authors"][:500]
-  tokens = corpus["tokens"][:500]
+  data_dir, _, posts = prepared
+  o = oracle.load(data_dir)
+  tokens, mask, authors = (posts["train"][k][:500] for k in ("tokens", "text_mask", "user"))
   users = np.unique(authors)
   gts = ranks.GroundTruth.from_pairs(np.searchsorted(users, authors), np.arange(500),
                                      len(users))
-  posterior = ranks.ranks_from_scores(oracle.user_text(tokens, tokens != 0)[users], gts)
-  joint = ranks.ranks_from_scores(oracle.text_user(tokens, tokens != 0).T[users], gts)
+  posterior = ranks.ranks_from_scores(o.user_text(tokens, mask)[users], gts)
+  joint = ranks.ranks_from_scores(o.text_user(tokens, mask).T[users], gts)
   random = np.median((500 + 1) / (gts.counts() + 1))
   assert np.median(posterior) < 0.2 * random
   assert np.mean(posterior) < np.mean(joint)
 
 
-def test_written_interests_are_the_planted_topics(tmp_path, corpus):
-  synthetic.write_corpus(SPEC, str(tmp_path), {"test": 0.2})
-  lines = records.read_lines(str(tmp_path), records.INTERESTS_FILE)
-  theta = corpus["oracle"].theta
-  assert len(lines) == SPEC.num_users
-  for u, line in enumerate(lines):
-    topics = [int(name.removeprefix("topic")) for name in line.split("\t")]
-    assert topics == list(np.flatnonzero(theta[u] > 0))
-    assert SPEC.topics_min <= len(topics) <= SPEC.topics_max
-  # Every post's topic is one of its author's interests.
-  for u, z in zip(corpus["authors"], corpus["topics"]):
-    assert synthetic.topic_name(z) in lines[u].split("\t")
+def test_interests_are_the_planted_topics_each_user_posted_about(prepared, corpus):
+  data_dir, crawl, _ = prepared
+  names = records.read_lines(data_dir, records.USERS_FILE)
+  lines = records.read_lines(data_dir, records.INTERESTS_FILE)
+  posted = {}
+  with open(os.path.join(crawl, synthetic.POSTS_FILE)) as f:
+    for line in f:
+      post = json.loads(line)
+      posted.setdefault(post["user_id"], set()).add(post["topic"])
+  for name, line in zip(names, lines):
+    assert line.split("\t") == sorted(posted[name])
+    u = int(name.removeprefix("user"))
+    planted = {synthetic.topic_name(z) for z in np.flatnonzero(corpus["theta"][u] > 0)}
+    assert posted[name] <= planted and len(planted) <= SPEC.topics_max

@@ -65,9 +65,9 @@ def run_all(specs: Sequence[str], workdir: str,
       config.update_from_flattened_dict(dict(overrides))
     name = run_name(spec)
     if not config.data.dir:          # one copy of each embedded corpus
-      key = json.dumps(embedded.settings(config), sort_keys=True)
+      key = json.dumps(embedded.arguments(config), sort_keys=True)
       if key not in shared:
-        shared[key] = embedded.ensure(config, os.path.join(workdir, f"corpus{len(shared)}"))
+        shared[key] = embedded.for_config(config, os.path.join(workdir, f"corpus{len(shared)}"))
       config.data.dir = shared[key]
     log(f"\n=== {name} ({spec}) ===")
     _, results = train.train_and_evaluate(

@@ -23,7 +23,6 @@ Protocols (config.eval.protocol):
              first held-out action on (AMNL).
 """
 
-import os
 from collections.abc import Mapping
 
 import jax
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from input_pipeline import interactions, synthetic
+from input_pipeline import interactions, oracle as planted
 from sempre_jax import mesh as mesh_lib
 
 PROTOCOLS = ("all", "sampled", "followees")
@@ -116,7 +115,7 @@ class RecommendationEvaluator:
   def __init__(self, config: ml_collections.ConfigDict, model, data: interactions.Interactions,
                splits: Mapping[str, np.ndarray], split: str, *, image_key: str,
                bags: np.ndarray | None, images_only: bool,
-               oracle: synthetic.Oracle | None = None):
+               oracle: planted.Oracle | None = None):
     self.config, self.model, self.data, self.image_key = config, model, data, image_key
     self.lists = candidate_lists(
         data, splits, split, config.protocol, max_candidates=config.max_candidates,
@@ -130,7 +129,7 @@ class RecommendationEvaluator:
       follows = set((data.follows[:, 0] * data.num_users + data.follows[:, 1]).tolist())
       followed = np.array([k in follows for k in (u * data.num_users
                                                    + data.posts["user"][p]).tolist()])
-      self.oracle = user_metrics(u, oracle.action_scores(u, data.posts["topic"][p], followed),
+      self.oracle = user_metrics(u, oracle.action_scores(u, data.post_ids[p], followed),
                                  self.lists["label"], tuple(config.at), config.seed)
     self.users = {"user": np.arange(data.num_users, dtype=np.int32),
                   "followees": data.followees.astype(np.int32)}
@@ -195,10 +194,9 @@ class Recommendation(RecommendationEvaluator):
     del mesh   # the per-user scoring is small: one device per process
     data = exp.data
     ic = exp.config.data.interactions
-    oracle = os.path.join(data.data_dir, synthetic.ORACLE_FILE)
     super().__init__(config, exp.module, data.interactions, data.action_splits, config.split,
                      image_key=data.image_key, bags=data.bags, images_only=ic.images_only,
-                     oracle=synthetic.Oracle.load(oracle) if os.path.exists(oracle) else None)
+                     oracle=planted.load(data.data_dir))
 
   def score(self, results: Mapping) -> float:
     return -results[self.config.select]

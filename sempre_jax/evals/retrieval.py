@@ -26,7 +26,6 @@ planted model's posterior) is ranked the same way beside the model.
 
 import functools
 import json
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -36,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import gammaln
 
-from input_pipeline import loader, synthetic
+from input_pipeline import loader, oracle as planted
 from sempre_jax import mesh as mesh_lib
 from sempre_jax.evals import ranks
 from sempre_jax.models import du2mce, encoders
@@ -169,9 +168,8 @@ class RetrievalEvaluator:
                       config.max_image_text_pairs)
     self.repeat_author = train_posts_per_user(data_dir, metadata)[
         post["user"][self.text_posts]] >= 2
-    oracle_path = os.path.join(data_dir, synthetic.ORACLE_FILE)
-    self.oracle = (self._metrics(self._oracle_ranks(synthetic.Oracle.load(oracle_path)))
-                   if os.path.exists(oracle_path) else None)
+    truth = planted.load(data_dir)
+    self.oracle = self._metrics(self._oracle_ranks(truth)) if truth is not None else None
     self.embedder = Embedder(model, config.batch_size, mesh)
 
   def _build_tasks(self, user, has_text, image_id, max_pairs: int) -> None:
@@ -222,7 +220,7 @@ class RetrievalEvaluator:
         task_ranks["text->user"][self.repeat_author], self.num_users)
     return with_joint_metric({t: out[t] for t in TASKS})
 
-  def _oracle_ranks(self, oracle: synthetic.Oracle) -> dict:
+  def _oracle_ranks(self, oracle: planted.Oracle) -> dict:
     """The planted posterior's ranks (explicit score matrices; small corpora)."""
     post = _collect(loader.eval_batches(self.data_dir, self.metadata, self.split, 4096,
                                         "features"), ("tokens", "text_mask", "image_features"))
