@@ -60,7 +60,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -68,7 +67,7 @@ from concurrent import futures
 
 import numpy as np
 
-from input_pipeline import dedup, images, oracle, records, splits, text, word2vec
+from input_pipeline import dedup, images, oracle, progress, records, splits, text, word2vec
 
 REPORT_FILE = "prepare_report.json"
 EXAMPLES = 5
@@ -296,30 +295,6 @@ def ordered_map(pool: futures.Executor, fn: Callable, items: Iterable,
     yield fut.result(), prog
 
 
-class _Progress:
-  """A carriage-return progress line: posts/s and ETA from a done fraction, every
-  2 s once a pass has run 2 s (a short pass prints nothing)."""
-
-  def __init__(self, label: str, stream=sys.stderr):
-    self.label, self.stream = label, stream
-    self.t0 = self.last = time.time()
-    self.shown = False
-
-  def update(self, posts: int, fraction: float, force: bool = False) -> None:
-    """force: the pass is done (ends the line, if one was shown)."""
-    now = time.time()
-    if (not force and now - self.last < 2) or (force and not self.shown):
-      return
-    self.last, self.shown = now, True
-    rate = posts / max(now - self.t0, 1e-9)
-    eta = (now - self.t0) * (1 - fraction) / max(fraction, 1e-9)
-    self.stream.write(f"\r{self.label}: {posts} posts, {rate:,.0f} posts/s, "
-                      f"{100 * fraction:.0f}%, ETA {eta:.0f}s   ")
-    if force:
-      self.stream.write("\n")
-    self.stream.flush()
-
-
 @dataclasses.dataclass
 class _Issues:
   """Counts and example locations per reason, of one input file."""
@@ -351,7 +326,8 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
   word_index, user_index, image_index, interest_index = {}, {}, {}, {}
   image_paths, image_keys, seen_ids = [], [], set()
   cols = collections.defaultdict(list)
-  progress, n_posts, n_lines = _Progress("pass 1 (clean, hash images)"), 0, 0
+  bar, n_posts, n_lines = progress.bar(size, "pass 1 (clean, hash images)", "B",
+                                       delay=2), 0, 0
   chunks = _line_chunks(posts_path, options.chunk_lines, options, root)
   for res, offset in ordered_map(pool, _pass1_chunk, chunks, 2 * pool._max_workers):
     n_lines += res["lines"]
@@ -384,8 +360,9 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       cols["interest"].append(-1 if interest is None else
                               interest_index.setdefault(interest, len(interest_index)))
     n_posts += int(keep.sum())
-    progress.update(n_posts, offset / size)
-  progress.update(n_posts, 1.0, force=True)
+    bar.update(offset - bar.n)
+    bar.set_postfix_str(f"{n_posts} posts", refresh=False)
+  bar.close()
   lengths = np.concatenate(cols["lengths"]) if cols["lengths"] else np.zeros(0, np.int32)
   return dict(
       words=list(word_index), image_paths=image_paths, image_keys=image_keys,
@@ -804,20 +781,18 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
               timestamp=int(posts["timestamp"][i])))
         yield (batch, options), min(s + options.chunk_lines, len(members))
 
-    split_meta, progress = {}, _Progress("pass 2 (write shards)")
-    total, done = max(int(kept.sum()), 1), 0
+    split_meta, bar = {}, progress.bar(int(kept.sum()), "pass 2 (write shards)", "posts",
+                                       delay=2)
     for split in records.SPLITS:
       members = np.flatnonzero(assignment == split)
       def payloads():
-        nonlocal done
         for batch, _ in ordered_map(pool, _pass2_chunk, chunks(members),
                                     2 * pool._max_workers):
           yield from batch
-          done += len(batch)
-          progress.update(done, done / total)
+          bar.update(len(batch))
       split_meta[split] = records.write_payloads(out_dir, split, payloads(),
                                                  options.num_shards)
-    progress.update(done, 1.0, force=True)
+    bar.close()
 
   if graph:
     records.save_npz(

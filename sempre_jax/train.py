@@ -46,8 +46,9 @@ from sempre_jax import checkpoints as ckpt_lib, mesh as mesh_lib
 from sempre_jax.experiment import Experiment, Stage
 
 VALIDATION_LOG = "validation.jsonl"
-# Keys a resumed run may change (they do not change what is trained).
-RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+# Keys a resumed run may change: logging, evaluation sizes, and num_epochs
+# (to extend a run; stage boundaries are shares of it).
+RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                      "num_devices", "evals.*.batch_size", "evals.*.query_chunk",
                      "evals.*.candidate_chunk", "evals.*.every_steps")
 

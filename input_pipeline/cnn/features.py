@@ -30,9 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
-from tqdm import tqdm
 
-from input_pipeline import images as images_lib
+from input_pipeline import images as images_lib, progress as progress_lib
 from input_pipeline.cnn import efficientnet_lite, resnet, weights
 
 ENCODERS = ("efficientnet_lite0", "resnet152:PATH", "none")
@@ -147,8 +146,8 @@ def extract_features(images: Mapping[str, str], encoder: str | Encoder, out: str
   keys = list(images)
   chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
   vectors, skipped = {}, []
-  bar = tqdm(total=len(keys), unit="img", desc=f"{encoder.name} features", file=sys.stderr,
-             disable=not progress, smoothing=0.1)
+  bar = progress_lib.bar(len(keys), f"{encoder.name} features", "images",
+                         disable=not progress)
 
   def collect(done):
     kept, result, n = done

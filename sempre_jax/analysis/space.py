@@ -20,14 +20,12 @@ Every embedding is L2-normalised by the model: a dot product is a cosine.
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-import tqdm
 from tensorflow_datasets.proto import tf_example_pb2
 
-from input_pipeline import loader, records
+from input_pipeline import loader, progress, records
 from sempre_jax import mesh as mesh_lib
 from sempre_jax.analysis import workdir as workdir_lib
 from sempre_jax.evals import retrieval
@@ -100,8 +98,7 @@ class Space:
     image_key = encoders.image_key(self.model.image_input)
     seen = np.zeros([self.metadata.get("num_images", 0)], bool)
     total = sum(self.metadata["splits"][s]["num_posts"] for s in splits)
-    done, bar = 0, tqdm.tqdm(total=total, desc=label, unit="posts", unit_scale=True,
-                              file=sys.stderr)
+    done, bar = 0, progress.bar(total, label, "posts")
     for split in splits:
       row = 0
       for batch in loader.eval_batches(self.data_dir, self.metadata, split,
