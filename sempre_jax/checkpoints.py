@@ -43,8 +43,10 @@ class Checkpoints:
                                   keep_checkpoints_without_metrics=False)])
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
-    # Scores of the saved steps (those being written asynchronously included).
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_score,
+                                             best_mode="min", create=True))
+    # Scores of the saved steps, those being written asynchronously included
+    # (orbax writes the metrics files, as best_fn asks, when a save finishes).
     self.scores = {step: _score(m) for step in self.manager.all_steps()
                    if (m := self.manager.metrics(step)) is not None}
 

@@ -9,14 +9,19 @@ are replicated, so `jax.grad` of the local loss share already returns the
 psum of the per-device gradients: the gradient of the global-batch loss,
 identical to one device on the same batch.
 
-The loop never waits for the devices between steps: batches are parsed and
-sharded onto the mesh ahead of time (a background prefetch of depth 2);
+The loop never reads from the devices between log points: batches are parsed
+and sharded onto the mesh ahead of time (a background prefetch of depth 2);
 metrics are summed on the devices and read every `log_every_steps`; a step
 whose loss or gradient is not finite changes nothing and raises a flag that
 the host reads at the next log or checkpoint step, where training stops
 naming the first bad step (the last checkpoint before it is kept); the data
 iterator's position is taken only when a checkpoint is written; checkpoints
-are written asynchronously (sempre_jax/checkpoints.py). Preemption (SIGTERM
+are written asynchronously (sempre_jax/checkpoints.py). Steps are dispatched
+ahead of the devices, except on several CPU devices: there XLA runs every
+device's part on one shared thread pool, and two steps in flight can each hold
+the threads the other's all-reduce waits for (a deadlock), so the loop waits
+for each step to finish (without reading it) before dispatching the next.
+Preemption (SIGTERM
 on one process, JAX's preemption sync point across processes) finishes the
 step, checkpoints and exits 0. Evaluators (sempre_jax/evals) are built once
 and run every `every_steps`; the best checkpoint on `config.best` is the one
@@ -339,12 +344,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   periodic = {n: e for n, e in evaluators.items() if config.evals[n].every_steps}
   preemption = Preemption()
   sums, last_saved = zeros, start or None
+  one_in_flight = n_dev > 1 and jax.default_backend() == "cpu"     # see the module
   try:
     for step in range(start + 1, total_steps + 1):
       stage = stage_of(step)
       if stage and step == stages[stage - 1].end_step + 1:
         state = state_for(stages[stage], state.variables(), state.step)
       state, sums = steps[stage](state, sums, next(data_iter))
+      if one_in_flight:
+        jax.block_until_ready(sums)
       preempted = preemption.reached(step)
       due = [n for n, e in periodic.items()
              if step % config.evals[n].every_steps == 0 or step == total_steps]
