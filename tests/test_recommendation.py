@@ -87,7 +87,8 @@ def tiny_interactions():
            "image_mask": np.ones(12, bool)}
   actions = np.array([[0, 1, 15], [0, 9, 95], [0, 7, 75], [0, 8, 85], [1, 6, 65]])
   data = interactions.Interactions(posts=posts, follows=np.array([[0, 1], [0, 2], [1, 2]]),
-                                   actions=actions, num_users=3)
+                                   actions=actions, num_users=3,
+                                   post_ids=np.array([f"p{i}" for i in range(12)]))
   splits = {"train": np.array([0]), "validation": np.array([1]), "test": np.array([2, 3, 4])}
   return data, splits
 
