@@ -80,9 +80,10 @@ def run_task(name, ranker, table, gts: ranks.GroundTruth, key, log):
       rate = stop / (time.perf_counter() - t0)
       log(f"  {name}: {stop}/{n} queries, {rate:,.0f} queries/s, ETA {(n - stop) / rate:.0f}s")
   wall = time.perf_counter() - t0
-  r = np.concatenate(out)
+  r = ranks.Ranks.concatenate(out)
   return dict(task=name, queries=n, candidates=ranker.num_candidates, wall=wall,
-              flops=2.0 * n * ranker.num_candidates * ranker.dim, median=float(np.median(r)), r10=float(np.mean(r <= 10)))
+              flops=2.0 * n * ranker.num_candidates * ranker.dim,
+              median=float(np.median(r.rank)), r10=float(np.mean(r.recall_at(10))))
 
 
 def main(argv):

@@ -1,26 +1,28 @@
 """Which posts repeat the same content, and which posts must share a split?
 
 Texts are compared as sets of cleaned words (ids). Exact duplicates share a
-set; near-duplicates have a Jaccard similarity >= `threshold`. Near-duplicate
-pairs are found by prefix filtering, which misses no pair: with words ordered
-rarest first (document frequency over the distinct sets), two sets with
-J >= t share a word among the first |s| - ceil(t |s|) + 1 words of each, so
-only sets sharing such a prefix word (a block) are compared, and each
-candidate is verified exactly. A block larger than `max_block` (a word common
-enough to head many prefixes) is compared only with its 32 nearest sets in
-size order; such blocks are counted in the stats.
+set; near-duplicates have a Jaccard similarity J = |x & y| / |x | y| >= t
+(`threshold`, 0 < t <= 1). Every such pair is found (an exact all-pairs
+similarity join, no sampling, no block cut), by prefix filtering with the
+asymmetric prefixes of PPJoin (Xiao et al. 2008): with words ordered rarest
+first (document frequency over the distinct sets) and sets ordered by size,
+a pair y before x (|y| <= |x|) has J >= t only if |y| >= t |x| and they share
+o >= t (|x| + |y|) / (1 + t) words, so their first common word lies among the
+first |x| - ceil(t |x|) + 1 words of x (its probe prefix) and the first
+|y| - ceil(2t / (1 + t) |y|) + 1 words of y (its index prefix). Candidates are
+the pairs sharing a word of x's probe prefix and y's index prefix within that
+size window, counted by sparse products of the prefix incidence matrices in
+chunks of x (memory bounded by `pair_chunk` candidates), and each is verified
+exactly. The work is the number of candidates, not a block's square.
 Posts are then grouped: posts sharing an image (pixel hash) or a (near-)
 duplicate text are connected, and a group is a connected component.
 """
-
-import math
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-_PAIR_CHUNK = 200_000
-_WINDOW = 32   # neighbours compared in a block over max_block
+_PAIR_CHUNK = 2_000_000   # candidate pairs counted and verified at a time
 
 
 def word_sets(indptr: np.ndarray, word_ids: np.ndarray, num_words: int):
@@ -48,59 +50,60 @@ def word_sets(indptr: np.ndarray, word_ids: np.ndarray, num_words: int):
 
 
 def near_duplicate_pairs(sets: sparse.csr_matrix, threshold: float = 0.8,
-                         max_block: int = 2000) -> tuple[np.ndarray, dict]:
-  """Distinct word sets [T, W] -> ([P, 2] pairs with Jaccard >= threshold, stats)."""
+                         pair_chunk: int = _PAIR_CHUNK) -> tuple[np.ndarray, dict]:
+  """Distinct word sets [T, W] (binary csr) -> ([P, 2] pairs (i < j) with
+  Jaccard >= threshold, stats: candidate_pairs verified, near_duplicate_pairs)."""
+  if not 0 < threshold <= 1:
+    raise ValueError(f"the near-duplicate threshold must be in (0, 1], got {threshold}")
+  t, eps = threshold, 1e-9
   sizes = np.diff(sets.indptr)
-  t = len(sizes)
-  df = np.bincount(sets.indices, minlength=sets.shape[1])
-  rank = np.empty(sets.shape[1], np.int64)
-  rank[np.lexsort((np.arange(sets.shape[1]), df))] = np.arange(sets.shape[1])
-  rows = np.repeat(np.arange(t), sizes)
-  order = np.lexsort((rank[sets.indices], rows))            # rarest first in each set
-  pos = np.arange(len(order)) - sets.indptr[rows[order]]
-  prefix = sizes - np.ceil(threshold * sizes - 1e-9).astype(np.int64) + 1
-  keep = order[pos < prefix[rows[order]]]
-  block_word, block_set = sets.indices[keep], rows[keep]
-  by_block = np.lexsort((sizes[block_set], block_word))
-  block_word, block_set = block_word[by_block], block_set[by_block]
-  starts = np.flatnonzero(np.r_[True, block_word[1:] != block_word[:-1]])
-  bounds = np.r_[starts, len(block_word)]
-  found, buffer, stats = [], [], {"candidate_pairs": 0, "blocks_over_max_block": 0}
+  num_sets, num_words = sets.shape
+  if num_sets == 0:
+    return np.zeros([0, 2], np.int64), {"candidate_pairs": 0, "near_duplicate_pairs": 0}
+  # Rows in size order (r = 0..T-1), each row's words rarest first.
+  by_size = np.lexsort((np.arange(num_sets), sizes))
+  where = np.empty(num_sets, np.int64)
+  where[by_size] = np.arange(num_sets)
+  df = np.bincount(sets.indices, minlength=num_words)
+  word_rank = np.empty(num_words, np.int64)
+  word_rank[np.lexsort((np.arange(num_words), df))] = np.arange(num_words)
+  rows = np.repeat(np.arange(num_sets), sizes)
+  order = np.lexsort((word_rank[sets.indices], rows))
+  position = np.empty(len(order), np.int64)
+  position[order] = np.arange(len(order)) - sets.indptr[rows[order]]
+  probe_len = sizes - np.ceil(t * sizes - eps).astype(np.int64) + 1
+  index_len = sizes - np.ceil(2 * t / (1 + t) * sizes - eps).astype(np.int64) + 1
 
-  def verify():
-    c = np.concatenate(buffer)
-    buffer.clear()
-    small, large = np.sort(sizes[c], 1).T
-    c = c[small >= threshold * large - 1e-9]                     # length filter
-    inter = np.asarray(sets[c[:, 0]].multiply(sets[c[:, 1]]).sum(1)).ravel()
-    union = sizes[c[:, 0]] + sizes[c[:, 1]] - inter
-    stats["candidate_pairs"] += len(c)
-    found.append(c[inter >= threshold * union - 1e-9])
+  def prefix(length):      # [T, W] incidence of each row's first `length` words
+    first = position < length[rows]
+    return sparse.csr_matrix((np.ones(int(first.sum()), np.float32),
+                              (where[rows[first]], sets.indices[first])),
+                             shape=(num_sets, num_words))
 
-  pending = 0
+  probe, index = prefix(probe_len), prefix(index_len)
+  size = sizes[by_size]                                       # [T] in size order
+  # Chunks of probe rows with about pair_chunk candidates each (an upper bound:
+  # pairs sharing a probe word of x and an index word of y, any sizes).
+  per_row = probe @ np.asarray(index.sum(axis=0), np.float64).ravel()
+  total = np.cumsum(per_row)
+  cuts = np.searchsorted(total, pair_chunk * np.arange(1, total[-1] // pair_chunk + 1))
+  bounds = np.unique(np.r_[0, cuts, num_sets])
+  found, stats = [], {"candidate_pairs": 0}
   for a, b in zip(bounds[:-1], bounds[1:]):
-    m = b - a
-    if m < 2:
-      continue
-    if m <= max_block:
-      i, j = np.triu_indices(m, 1)
-    else:   # a very common prefix word: only neighbours in size order
-      stats["blocks_over_max_block"] += 1
-      offsets = np.arange(1, min(_WINDOW, m - 1) + 1)
-      i = np.concatenate([np.arange(m - k) for k in offsets])
-      j = i + np.repeat(offsets, m - offsets)
-    members = block_set[a:b]
-    buffer.append(np.sort(np.stack([members[i], members[j]], 1), 1))
-    pending += len(i)
-    if pending >= _PAIR_CHUNK:
-      verify()
-      pending = 0
-  if buffer:
-    verify()
+    lo = int(np.searchsorted(size, t * size[a] - eps))       # smallest |y| >= t |x|
+    shared = (probe[a:b] @ index[lo:b].T).tocoo()
+    x, y = a + shared.row, lo + shared.col
+    keep = (y < x) & (size[y] >= t * size[x] - eps)
+    x, y = by_size[x[keep]], by_size[y[keep]]
+    inter = np.asarray(sets[x].multiply(sets[y]).sum(axis=1)).ravel()
+    union = sizes[x] + sizes[y] - inter
+    hit = inter >= t * union - eps
+    stats["candidate_pairs"] += int(len(x))
+    found.append(np.sort(np.stack([x[hit], y[hit]], 1), axis=1))
   found = (np.unique(np.concatenate(found), axis=0) if found
            else np.zeros([0, 2], np.int64))
   stats["near_duplicate_pairs"] = int(len(found))
-  return found, stats
+  return found.astype(np.int64), stats
 
 
 def group_posts(image_of_post: np.ndarray, set_of_post: np.ndarray,

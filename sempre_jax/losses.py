@@ -1,15 +1,29 @@
 """What is being optimised, equation by equation?
 
 DU2MCE (Sikka et al. 2019), with cosine similarity S (embeddings are
-L2-normalised, so S(x, y) = x . y) and margin m:
+L2-normalised, so S(x, y) = x . y) and margin m, for the posts j of a batch
+(text T_j, image I_j, user U_j):
 
   Eq. 1   L = l1 / N_TU * L_TU + l2 / N_IT * L_IT + (1 - l1 - l2) / N_IU * L_IU
-  Eq. 2-4 L_XY = sum over positive pairs (x, y) of
-                   sum_{y-} [m - S(x, y) + S(x, y-)]_+  +  sum_{x-} [m - S(x, y) + S(x-, y)]_+
+  Eq. 2-3 L_TU = sum_j L_U-T(T_j, U_j),  L_IT = sum_j L_T-I(I_j, T_j),
+          L_IU = sum_j L_U-I(I_j, U_j), over the posts j carrying both modalities
+  Eq. 4   L_U-T(T_j, U_j) = sum_{n: U_n != U_j} [m - S(x_j^T, x_j^U) + S(x_j^T, x_n^U)]_+
+
+Eq. 4 is one-directional: the anchor is the text and the negatives are the
+users of the other posts; "the same formulation" gives L_T-I and L_U-I with
+the image as the anchor. In TERMS each term is (anchor, positive) modality:
+("text", "user"), ("image", "text"), ("image", "user").
+
+`directions` selects:
+  "one"   the paper: per positive pair (a, b), sum_{b-} [m - S(a, b) + S(a, b-)]_+.
+  "both"  a named departure (VSE++, Faghri et al. 2018): also the reverse
+          direction, + sum_{a-} [m - S(a, b) + S(a-, b)]_+ with the second
+          modality as the anchor.
 
 N_XY is the number of positive (x, y) pairs in the global batch: posts that carry
-both modalities. Negatives are the other posts of the global batch ("all", Eq. 4)
-or only the hardest one per anchor and direction ("hardest", VSE++). A candidate
+both modalities. Negatives are the other posts of the global batch, one per post
+(a user with two other posts in the batch is two negatives) ("all", Eq. 4), or
+only the hardest one per anchor and direction ("hardest", VSE++). A candidate
 that shares the anchor's text hash, image id or user (for the two modalities of
 the term) is an accidental hit, never a negative. A term with no positive pair
 contributes 0.
@@ -17,11 +31,12 @@ contributes 0.
 The loss is written per device: each device holds its local anchors [b, D] and
 sees the candidates of the whole global batch [G, D] through an all-gather over
 `axis_name` (None: a single device, local = global). Each term computes one
-similarity block S = x_local @ y_global^T [b, G]; the other direction's rows,
-y_local . x_global, are the transposed columns of the global matrix, which an
-all-to-all brings home instead of a second matmul. For large global batches,
-`candidate_chunk` instead scans the candidates in chunks (each recomputed in the
-backward pass), so memory per device is O(b x chunk) rather than O(b x G).
+similarity block S = a_local @ b_global^T [b, G]; for "both", the reverse
+direction's rows, b_local . a_global, are the transposed columns of the global
+matrix, which an all-to-all brings home instead of a second matmul. For large
+global batches, `candidate_chunk` instead scans the candidates in chunks (each
+recomputed in the backward pass), so memory per device is O(b x chunk) rather
+than O(b x G).
 """
 
 from collections.abc import Mapping
@@ -32,6 +47,7 @@ import jax.numpy as jnp
 TERMS = {"tu": ("text", "user"), "it": ("image", "text"), "iu": ("image", "user")}
 IDENTITY_KEY = {"text": "text_hash", "image": "image_id", "user": "user"}
 MINING = ("all", "hardest")
+DIRECTIONS = ("one", "both")
 
 
 def term_weights(l1: float, l2: float) -> dict[str, float]:
@@ -94,12 +110,14 @@ def chunked_hinge(anchors, pos, anchor_valid, cands, cand_has, own_keys, cand_ke
 
 def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray], *,
                 lambdas: tuple[float, float], margin: float, mining: str,
-                axis_name: str | None = None, candidate_chunk: int = 0,
-                content_of_posts: bool = False):
+                directions: str = "one", axis_name: str | None = None,
+                candidate_chunk: int = 0, content_of_posts: bool = False):
   """Eq. 1 for the local anchors, negatives from the global batch.
 
   emb: {"text", "image", "user"} -> [b, D] local embeddings; batch: the local
   batch (needs tokens' text_mask, image_mask, user, text_hash, image_id);
+  directions: "one" (Eq. 4, the first modality of each term is the anchor)
+  or "both" (also the reverse direction);
   candidate_chunk: 0, or the chunk size of the candidate scan;
   content_of_posts: emb["text"] is the post's merged content (Merged-Modality
   baseline), present when the post has a text or an image.
@@ -108,6 +126,9 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
   """
   if mining not in MINING:
     raise ValueError(f"loss.mining must be one of {MINING}, got {mining!r}")
+  if directions not in DIRECTIONS:
+    raise ValueError(f"loss.directions must be one of {DIRECTIONS}, got {directions!r}")
+  both = directions == "both"
   weights = term_weights(*lambdas)
   if axis_name is None:
     gather = lambda x: x
@@ -124,7 +145,8 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
   if content_of_posts:
     has["text"] = has["text"] | has["image"]
   keys = {m: batch[IDENTITY_KEY[m]] for m in IDENTITY_KEY}
-  gathered = emb if candidate_chunk else dict.fromkeys(b for _, b in TERMS.values())
+  # Candidates: the positives' modality; with "both" in chunks, the anchors' too.
+  gathered = emb if candidate_chunk and both else dict.fromkeys(b for _, b in TERMS.values())
   g_emb = {m: gather(emb[m]) for m in gathered}
   g_has = {m: gather(h) for m, h in has.items()}
   g_keys = {m: gather(k) for m, k in keys.items()}
@@ -135,16 +157,18 @@ def du2mce_loss(emb: Mapping[str, jnp.ndarray], batch: Mapping[str, jnp.ndarray]
     pos = jnp.sum(emb[a] * emb[b], axis=-1)
     own, cand = (keys[a], keys[b]), (g_keys[a], g_keys[b])
     if candidate_chunk:
-      total = (chunked_hinge(emb[a], pos, valid, g_emb[b], g_has[b], own, cand,
-                             margin, mining, candidate_chunk)
-               + chunked_hinge(emb[b], pos, valid, g_emb[a], g_has[a], own, cand,
-                               margin, mining, candidate_chunk)).sum()
+      total = chunked_hinge(emb[a], pos, valid, g_emb[b], g_has[b], own, cand,
+                            margin, mining, candidate_chunk)
+      if both:
+        total += chunked_hinge(emb[b], pos, valid, g_emb[a], g_has[a], own, cand,
+                               margin, mining, candidate_chunk)
     else:
       ok = not_hit(own, cand)
       sim = emb[a] @ g_emb[b].T                        # [b, G]: a_i . b_j
-      total = (hinge(sim, pos, valid, ok & g_has[b][None, :], margin, mining)
-               + hinge(columns(sim), pos, valid, ok & g_has[a][None, :],
-                       margin, mining)).sum()
+      total = hinge(sim, pos, valid, ok & g_has[b][None, :], margin, mining)
+      if both:
+        total += hinge(columns(sim), pos, valid, ok & g_has[a][None, :], margin, mining)
+    total = total.sum()
     pairs = psum(valid.sum())
     loss += weights[term] * total / jnp.maximum(pairs, 1)
     metrics[f"{term}_loss_sum"] = psum(total)

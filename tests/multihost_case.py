@@ -59,7 +59,11 @@ def rank_case() -> tuple[np.ndarray, np.ndarray, ranks.GroundTruth]:
 
 
 def global_ranks() -> np.ndarray:
-  """rank_case ranked on every device of the job."""
+  """rank_case ranked on every device of the job: [3, Q] above, tied, tied_gts."""
   queries, cands, gts = rank_case()
-  return ranks.ExactRanker(mesh_lib.make_mesh(), cands, query_chunk=16,
-                           candidate_chunk=4)(queries, gts)
+  return rank_counts(ranks.ExactRanker(mesh_lib.make_mesh(), cands, query_chunk=16,
+                                       candidate_chunk=4)(queries, gts))
+
+
+def rank_counts(r: ranks.Ranks) -> np.ndarray:
+  return np.stack([r.above, r.tied, r.tied_gts])

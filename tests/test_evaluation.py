@@ -3,15 +3,30 @@
 import numpy as np
 import pytest
 
-from sempre_jax.evals import retrieval as evaluation
+from sempre_jax.evals import ranks, retrieval as evaluation
 
 
 def test_rank_metrics_hand_case():
-  m = evaluation.rank_metrics(np.array([1, 2, 6, 20]), num_candidates=100)
+  untied = ranks.Ranks.of(above=[0, 1, 5, 19], tied=[0] * 4, tied_gts=[1] * 4)
+  m = evaluation.rank_metrics(untied, num_candidates=100)
   assert m["median_rank"] == 4.0 and m["mean_rank"] == 7.25
   assert (m["R@1"], m["R@5"], m["R@10"], m["R@50"]) == (0.25, 0.5, 0.75, 1.0)
   assert m["random_median_rank"] == 50 and m["random_mean_rank"] == 50.5
   assert m["random_R@10"] == pytest.approx(0.1)
+
+
+def test_rank_metrics_under_ties_hand_case():
+  """One ground truth tied with 29 others at the top (expected rank 15.5: R@10
+  is 10/30, not 0), and 2 ground truths tied with 3 others below 4 candidates
+  (rank 5 w.p. 2/5, 6 w.p. 3/10, 7 w.p. 1/5, 8 w.p. 1/10: R@5 = 2/5, R@10 = 1)."""
+  tied = ranks.Ranks.of(above=[0, 4], tied=[29, 3], tied_gts=[1, 2])
+  m = evaluation.rank_metrics(tied, num_candidates=100, num_gts=np.array([1, 2]))
+  assert m["mean_rank"] == pytest.approx((15.5 + 6) / 2)
+  assert m["median_rank"] == pytest.approx((15.5 + 6) / 2)
+  assert m["R@1"] == pytest.approx(1 / 30 / 2)
+  assert m["R@5"] == pytest.approx((5 / 30 + 2 / 5) / 2)
+  assert m["R@10"] == pytest.approx((10 / 30 + 1) / 2)
+  assert m["R@50"] == 1.0
 
 
 def test_random_baseline_matches_simulation():

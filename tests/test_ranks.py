@@ -8,17 +8,28 @@ from sempre_jax import mesh as mesh_lib
 from sempre_jax.evals import ranks
 
 
-def argsort_rank(scores, gts, trials=3000, seed=0):
-  """Mean 1-based position of the best ground truth when candidates are sorted
-  by score with ties broken at random (argsort over many random tie-breaks)."""
+def argsort_positions(scores, gts, trials=3000, seed=0):
+  """[Q, trials] 1-based position of the best ground truth when candidates are
+  sorted by score with ties broken at random, one random tie-break per trial
+  (integer-valued scores: the noise stays below the gap between scores)."""
   rng = np.random.default_rng(seed)
   out = []
   for s, gt in zip(scores, gts):
-    noise = rng.uniform(0, 1e-3, [trials, len(s)])     # below the gap between scores
+    noise = rng.uniform(0, 1e-3, [trials, len(s)])
     order = np.argsort(-(s[None, :] + noise), axis=1)
     position = np.argsort(order, axis=1)
-    out.append(1 + position[:, gt].min(axis=1).mean())
+    out.append(1 + position[:, gt].min(axis=1))
   return np.array(out)
+
+
+def argsort_rank(scores, gts, trials=3000, seed=0):
+  """Mean position of the best ground truth over random tie-breaks: [Q]."""
+  return argsort_positions(scores, gts, trials, seed).mean(axis=1)
+
+
+def assert_same_ranks(a, b):
+  for field in ("above", "tied", "tied_gts"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
 def tied_case(seed, num_queries=37, num_candidates=53, dim=6):
@@ -43,10 +54,10 @@ def test_ranks_with_ties_and_several_ground_truths_match_argsort(num_devices):
   ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=8,
                              candidate_chunk=4)
   got = ranker(q, ranks.GroundTruth.from_lists(lists))
-  np.testing.assert_allclose(got, expected, atol=0.2)
-  assert (got != np.round(got)).any()                   # ties were really there
+  np.testing.assert_allclose(got.rank, expected, atol=0.2)
+  assert (got.rank != np.round(got.rank)).any()         # ties were really there
   # The explicit-score path agrees exactly.
-  np.testing.assert_array_equal(
+  assert_same_ranks(
       ranks.ranks_from_scores(scores, ranks.GroundTruth.from_lists(lists), chunk=5), got)
 
 
@@ -64,7 +75,10 @@ def test_ranks_without_ties_are_argsort_positions(num_devices):
   expected = [1 + min(list(np.argsort(-s)).index(g) for g in gt) for s, gt in zip(scores, lists)]
   ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=32,
                              candidate_chunk=8)
-  np.testing.assert_array_equal(ranker(q, ranks.GroundTruth.from_lists(lists)), expected)
+  got = ranker(q, ranks.GroundTruth.from_lists(lists))
+  np.testing.assert_array_equal(got.rank, expected)
+  for k in (1, 3, 10):                                  # without ties R@K is 0 or 1
+    np.testing.assert_array_equal(got.recall_at(k), np.array(expected) <= k)
 
 
 def test_many_ground_truths_per_query():
@@ -76,7 +90,49 @@ def test_many_ground_truths_per_query():
   scores = q.astype(np.float64) @ c.T.astype(np.float64)
   got = ranks.ExactRanker(mesh_lib.make_mesh(), c, candidate_chunk=32)(
       q, ranks.GroundTruth.from_lists(lists))
-  np.testing.assert_allclose(got, argsort_rank(scores, lists), atol=0.2)
+  np.testing.assert_allclose(got.rank, argsort_rank(scores, lists), atol=0.2)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_recall_at_k_is_the_expectation_under_random_tie_breaking(num_devices):
+  """Big tie blocks (scores in -3..3 over 150 candidates) and 1-6 ground truths:
+  P(rank <= K) per query against argsort with random tie-breaks over 4,000 draws."""
+  if jax.device_count() < num_devices:
+    pytest.skip(f"needs {num_devices} devices")
+  rng = np.random.default_rng(3)
+  q = rng.integers(-1, 2, [40, 3]).astype(np.float32)
+  c = rng.integers(-1, 2, [150, 3]).astype(np.float32)
+  lists = [rng.choice(150, rng.integers(1, 7), replace=False) for _ in range(40)]
+  gts = ranks.GroundTruth.from_lists(lists)
+  scores = q.astype(np.float64) @ c.T.astype(np.float64)
+  positions = argsort_positions(scores, lists, trials=4000, seed=1)
+  got = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=16,
+                          candidate_chunk=8)(q, gts)
+  assert_same_ranks(got, ranks.ranks_from_scores(scores, gts))
+  assert np.median(got.tied) >= 15 and (got.tied_gts > 1).any()
+  for k in (1, 5, 10, 30):
+    expected = (positions <= k).mean(axis=1)
+    np.testing.assert_allclose(got.recall_at(k), expected, atol=0.04, err_msg=f"R@{k}")
+    assert abs(got.recall_at(k).mean() - expected.mean()) < 0.01
+    # Thresholding the expected rank is another number (what R@K used to be).
+    assert np.abs((got.rank <= k) - expected).max() > 0.2
+  error = np.abs(got.rank - positions.mean(axis=1))
+  assert (error <= 5 * positions.std(axis=1) / np.sqrt(4000) + 1e-9).all()
+
+
+def test_recall_hand_cases():
+  """Worked out by hand from the positions of g ground truths among t + g tied."""
+  r = ranks.Ranks.of(above=[0, 0, 2, 7, 0], tied=[3, 3, 29, 0, 0], tied_gts=[2, 2, 1, 1, 1])
+  # t=3, g=2: the first slot is a ground truth w.p. 2/5; one of two: 1 - (3/5)(2/4) = 7/10.
+  # above 2 then 29 + 1 tied: R@10 = P(position <= 8 of 30) = 8/30.  above 7, no tie.
+  np.testing.assert_allclose(r.recall_at(1), [2 / 5, 2 / 5, 0, 0, 1])
+  np.testing.assert_allclose(r.recall_at(2), [7 / 10, 7 / 10, 0, 0, 1])
+  np.testing.assert_allclose(r.recall_at(10), [1, 1, 8 / 30, 1, 1])
+  np.testing.assert_allclose(r.recall_at(3), [9 / 10, 9 / 10, 1 / 30, 0, 1])   # 1 - (3/5)(2/4)(1/3)
+  np.testing.assert_allclose(r.recall_at(4), [1, 1, 2 / 30, 0, 1])
+  np.testing.assert_allclose(r.rank, [2, 2, 3 + 29 / 2, 8, 1])
+  assert len(r[np.array([True, False, True, False, False])]) == 2
+  assert_same_ranks(ranks.Ranks.concatenate([r[:2], r[2:]]), r)
 
 
 def test_ground_truth_layout():

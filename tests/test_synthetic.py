@@ -67,7 +67,7 @@ def test_no_token_unique_to_a_user_is_in_all_of_its_posts(corpus):
 
 
 def _ranks(scores, gt):
-  return ranks.ranks_from_scores(scores, ranks.GroundTruth.single(gt))
+  return ranks.ranks_from_scores(scores, ranks.GroundTruth.single(gt)).rank
 
 
 def test_oracle_recovers_the_planted_structure(prepared):
@@ -139,8 +139,8 @@ def test_oracle_ranks_texts_and_images_per_user(prepared):
   users = np.unique(authors)
   gts = ranks.GroundTruth.from_pairs(np.searchsorted(users, authors), np.arange(500),
                                      len(users))
-  posterior = ranks.ranks_from_scores(o.user_text(tokens, mask)[users], gts)
-  joint = ranks.ranks_from_scores(o.text_user(tokens, mask).T[users], gts)
+  posterior = ranks.ranks_from_scores(o.user_text(tokens, mask)[users], gts).rank
+  joint = ranks.ranks_from_scores(o.text_user(tokens, mask).T[users], gts).rank
   random = np.median((500 + 1) / (gts.counts() + 1))
   assert np.median(posterior) < 0.2 * random
   assert np.mean(posterior) < np.mean(joint)

@@ -3,14 +3,21 @@
 The rank of a query's ground truth is 1 + the number of candidates scoring
 above it, counted over every candidate (no sampling, no sorting). A query may
 have several ground truths; the best-scored one counts. Ties are counted one
-way, everywhere: a candidate tied with the best ground truth is placed at its
-expected position under random tie-breaking, so with `above` candidates above,
-t other candidates tied and g ground truths tied at the best score,
+way, everywhere: as the expectation under random tie-breaking. Each query gives
+`Ranks` (above, t, g): `above` candidates score above the best ground truth,
+t other candidates are tied with it, and g ground truths are tied at the best
+score. The best ground truth then lands at 1 + above + M, M the smallest
+position of g ground truths shuffled among t + g tied items, so
 
-    rank = 1 + above + t / (g + 1)
+    rank (expected)   = 1 + above + t / (g + 1)          E[M] = (t + g + 1) / (g + 1)
+    P(rank <= K)      = P(M <= k) = 1 - C(t, k) / C(t + g, k),   k = K - above
 
-(the expected smallest position of g ground truths shuffled among t + g tied
-items). Ranks are fractional only when there are ties.
+(0 for k <= 0, 1 for k > t: hypergeometric, the first k tied positions all go
+to other candidates with probability C(t, k) / C(t + g, k)). R@K is the mean
+of P(rank <= K) over queries, the exact expected recall; a query with 29 other
+candidates tied with its one ground truth at the top has R@10 = 10/30. Median
+rank is the median of the expected ranks (not the expected median); mean rank
+is exact. Ranks are fractional only when there are ties.
 
 Two ways in:
   `ranks_from_scores`  an explicit score matrix [Q, C] (the oracle, small
@@ -37,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy.special import gammaln
 
 from sempre_jax import mesh as mesh_lib
 
@@ -44,11 +52,46 @@ TIE_TOLERANCE = 1e-5
 AXIS = mesh_lib.AXIS
 
 
-def expected_rank(above, tied_others, tied_gts) -> np.ndarray:
-  """1 + above + t / (g + 1), in float64 on the host."""
-  above, tied_others, tied_gts = (np.asarray(x, np.float64)
-                                  for x in (above, tied_others, tied_gts))
-  return 1.0 + above + tied_others / (tied_gts + 1.0)
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+  """Per query [Q] (int64): candidates above the best ground truth, other
+  candidates tied with it, ground truths tied at the best score (>= 1)."""
+  above: np.ndarray
+  tied: np.ndarray
+  tied_gts: np.ndarray
+
+  @classmethod
+  def of(cls, above, tied, tied_gts) -> "Ranks":
+    return cls(*(np.asarray(x, np.int64).reshape(-1) for x in (above, tied, tied_gts)))
+
+  @classmethod
+  def concatenate(cls, parts: Sequence["Ranks"]) -> "Ranks":
+    if not parts:
+      return cls.of([], [], [])
+    return cls(*(np.concatenate(x) for x in zip(*(dataclasses.astuple(p) for p in parts))))
+
+  def __len__(self) -> int:
+    return len(self.above)
+
+  def __getitem__(self, index) -> "Ranks":
+    """The queries selected by `index` (a slice, indices or a boolean mask)."""
+    return Ranks(self.above[index], self.tied[index], self.tied_gts[index])
+
+  @property
+  def rank(self) -> np.ndarray:
+    """[Q] expected rank under random tie-breaking: 1 + above + t / (g + 1)."""
+    return 1.0 + self.above + self.tied / (self.tied_gts + 1.0)
+
+  def recall_at(self, k: int) -> np.ndarray:
+    """[Q] P(rank <= k) under random tie-breaking: 1 - C(t, j) / C(t + g, j),
+    j = k - above clipped to [0, t + 1] (float64, via log-gamma)."""
+    t, g = self.tied.astype(np.float64), self.tied_gts.astype(np.float64)
+    j = np.clip(k - self.above, 0, self.tied + 1).astype(np.float64)
+    inside = j <= t
+    jj = np.where(inside, j, 0.0)
+    log_miss = (gammaln(t + 1) - gammaln(t - jj + 1)
+                - gammaln(t + g + 1) + gammaln(t + g - jj + 1))
+    return np.where(inside, 1.0 - np.exp(log_miss), 1.0)
 
 
 # --------------------------------------------------------- ground truths --
@@ -111,7 +154,7 @@ def _counts_from_scores(scores, gt_mask):
           jnp.sum(tied & ~gt_mask, axis=1), jnp.sum(tied & gt_mask, axis=1))
 
 
-def ranks_from_scores(scores: np.ndarray, gts: GroundTruth, chunk: int = 1024) -> np.ndarray:
+def ranks_from_scores(scores: np.ndarray, gts: GroundTruth, chunk: int = 1024) -> Ranks:
   """Ranks from an explicit score matrix [Q, C] (exact ties), in query chunks."""
   out = []
   for start in range(0, len(gts), chunk):
@@ -120,8 +163,8 @@ def ranks_from_scores(scores: np.ndarray, gts: GroundTruth, chunk: int = 1024) -
     counts = gts.counts(start, stop)
     mask[np.repeat(np.arange(stop - start), counts),
          gts.indices[gts.offsets[start]:gts.offsets[stop]]] = True
-    out.append(expected_rank(*_counts_from_scores(scores[start:stop], mask)))
-  return np.concatenate(out) if out else np.zeros([0])
+    out.append(Ranks.of(*_counts_from_scores(scores[start:stop], mask)))
+  return Ranks.concatenate(out)
 
 
 # ------------------------------------------------------------- embeddings --
@@ -199,8 +242,8 @@ class ExactRanker:
         body, (zeros, zeros), (cands.reshape(n, self.chunk, -1), starts))
     return jax.lax.psum(above, AXIS), jax.lax.psum(tied, AXIS), tied_gts
 
-  def __call__(self, queries, gts: GroundTruth) -> np.ndarray:
-    """queries [Q, D] (NumPy or a global array), gts of the Q queries -> [Q] ranks."""
+  def __call__(self, queries, gts: GroundTruth) -> Ranks:
+    """queries [Q, D] (NumPy or a global array), gts of the Q queries -> their Ranks."""
     if len(gts) != queries.shape[0]:
       raise ValueError(f"{queries.shape[0]} queries but {len(gts)} ground-truth sets")
     if len(gts) and gts.counts().min() == 0:
@@ -209,9 +252,9 @@ class ExactRanker:
     for start in range(0, len(gts), self.query_chunk):
       stop = min(start + self.query_chunk, len(gts))
       out.append(self.rank_block(queries[start:stop], gts, start, stop))
-    return np.concatenate(out) if out else np.zeros([0])
+    return Ranks.concatenate(out)
 
-  def rank_block(self, queries, gts: GroundTruth, start: int, stop: int) -> np.ndarray:
+  def rank_block(self, queries, gts: GroundTruth, start: int, stop: int) -> Ranks:
     """Ranks of queries start..stop of `gts`, whose embeddings are `queries`."""
     q = self.query_chunk
     width = 1 << int(max(gts.counts(start, stop).max(), 1) - 1).bit_length()
@@ -223,4 +266,4 @@ class ExactRanker:
           np.asarray(queries, np.float32), ((0, q - (stop - start)), (0, 0))))
     counts = self._fn(width)(queries, mesh_lib.put_global(self.mesh, gt.astype(np.int32)),
                              self.candidates)
-    return expected_rank(*mesh_lib.to_host(counts))[:stop - start]
+    return Ranks.of(*mesh_lib.to_host(counts))[:stop - start]

@@ -6,21 +6,25 @@ held-out actions; the model scores every (user, candidate) pair and the
 metrics are averaged over the users that have a positive and a negative:
   P@K = positives in the top K / K,   R@K = positives in the top K / positives,
   AUC = P(a positive outscores a negative), a tie counting 1/2.
-Ties across the top-K cut are broken by a fixed random order of the
-candidates. On the embedded corpus the planted odds of acting (the oracle:
+P@K and R@K are exact expectations under random tie-breaking (a tie block
+across the top-K cut contributes its positives in proportion to the slots
+left). On the embedded corpus the planted odds of acting (the oracle:
 (theta_u[z] + 0.01) x 3 if the user follows the author) are ranked the same
 way beside the model: the best achievable on that data. Random baselines are exact expectations: E[P@K] = positives /
 candidates (for K <= candidates), E[R@K] = min(K, C) / C, AUC = 0.5.
 
 Protocols (config.eval.protocol):
-  all        every post the user neither wrote nor acted on in training, plus
-             the positives; at most `max_candidates` non-positives, a fixed
+  all        every post the user neither wrote nor acted on, plus the
+             positives; at most `max_candidates` non-positives, a fixed
              random sample (D-Sempre's ranking of all posts).
   sampled    the user's held-out preferred images and `negatives_per_positive`
              x as many other images the user never acted on (CDL: 20 + 80).
   followees  the user's held-out re-shares and the posts of the user's
              followees that the user did not act on, published from the user's
              first held-out action on (AMNL).
+In every protocol a post the user acted on, in any split, is never a
+negative: the only known positives among a user's candidates are the
+split's held-out actions being ranked.
 """
 
 from collections.abc import Mapping
@@ -29,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.stats
 
 from input_pipeline import interactions, oracle as planted
 from sempre_jax import mesh as mesh_lib
@@ -47,29 +50,22 @@ def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.nda
   rng = np.random.default_rng(seed)
   n = data.num_posts
   held = data.actions[splits[split]]
-  keys = lambda a: np.unique(a[:, 0] * n + a[:, 1])
-  acted = keys(data.actions[np.concatenate([splits[s] for s in interactions.SPLITS])])
-  train_acted = keys(data.actions[splits["train"]])
+  acted = np.unique(data.actions[:, 0] * n + data.actions[:, 1])   # every split's
   pool = np.flatnonzero(data.posts["image_mask"]) if images_only else np.arange(n)
   followees = data.followees
   author, stamp = data.posts["user"], data.posts["timestamp"]
   out = {"user": [], "post": [], "label": []}
   for u in np.unique(held[:, 0]):
     pos = np.unique(held[held[:, 0] == u, 1])
-    if protocol == "all":
-      cands = pool[(author[pool] != u)]
-      cands = cands[~np.isin(u * n + cands, train_acted)]
-    elif protocol == "sampled":
-      cands = pool[(author[pool] != u)]
-      cands = cands[~np.isin(u * n + cands, acted)]
-      cands = rng.choice(cands, min(len(cands), negatives_per_positive * len(pos)),
-                         replace=False)
-    else:
+    if protocol == "followees":
       start = held[held[:, 0] == u, 2].min()
       cands = pool[np.isin(author[pool], followees[u]) & (stamp[pool] >= start)]
-      cands = cands[~np.isin(u * n + cands, acted)]
-    neg = np.setdiff1d(cands, pos)
-    if protocol == "all" and len(neg) > max_candidates:
+    else:
+      cands = pool[author[pool] != u]
+    neg = cands[~np.isin(u * n + cands, acted)]
+    if protocol == "sampled":
+      neg = rng.choice(neg, min(len(neg), negatives_per_positive * len(pos)), replace=False)
+    elif protocol == "all" and len(neg) > max_candidates:
       neg = rng.choice(neg, max_candidates, replace=False)
     if len(neg) == 0:
       continue
@@ -82,29 +78,46 @@ def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.nda
 
 def user_metrics(users: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                  at: tuple[int, ...], seed: int = 0) -> dict:
-  """Per-user P@K, R@K, AUC (and random baselines), averaged over users."""
-  tiebreak = np.random.default_rng(seed).random(len(users))
-  order = np.lexsort((tiebreak, -scores, users))
+  """Per-user P@K, R@K, AUC (and random baselines), averaged over users.
+
+  users, scores, labels: [n] one row per (user, candidate). Ties are exact
+  expectations under random tie-breaking: sorted by score, a user's candidates
+  form tie blocks; block b (n_b candidates, p_b positives, a_b of the user's
+  candidates above it) puts E[hits] = p_b x clip(K - a_b, 0, n_b) / n_b in the
+  top K. AUC = (sum over positives of negatives below + half the negatives
+  tied) / (positives x negatives). `seed` is unused (no tie-break is drawn).
+  """
+  del seed
+  order = np.lexsort((-scores, users))
   users, scores, labels = users[order], scores[order], labels[order]
-  starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-  stops = np.r_[starts[1:], len(users)]
-  per = {f"{m}@{k}": [] for m in ("P", "R") for k in at}
-  per.update({f"random_{k}": [] for k in per}, AUC=[], random_AUC=[])
-  for a, b in zip(starts, stops):
-    lab, c = labels[a:b], b - a
-    p = int(lab.sum())
-    for k in at:
-      hits = int(lab[:k].sum())
-      per[f"P@{k}"].append(hits / k)
-      per[f"R@{k}"].append(hits / p)
-      per[f"random_P@{k}"].append(p / c * min(k, c) / k)
-      per[f"random_R@{k}"].append(min(k, c) / c)
-    r = scipy.stats.rankdata(scores[a:b])                   # average ranks for ties
-    per["AUC"].append((r[lab].sum() - p * (p + 1) / 2) / (p * (c - p)))
-    per["random_AUC"].append(0.5)
-  out = {k: float(np.mean(v)) for k, v in per.items()}
+  n = len(users)
+  new_user = np.r_[True, users[1:] != users[:-1]]
+  new_block = new_user | np.r_[True, scores[1:] != scores[:-1]]
+  user_of_row = np.cumsum(new_user) - 1
+  starts, blocks = np.flatnonzero(new_user), np.flatnonzero(new_block)   # [U], [B]
+  size = np.diff(np.r_[blocks, n])                                       # n_b
+  user = user_of_row[blocks]
+  pos = np.add.reduceat(labels.astype(np.int64), blocks)                 # p_b
+  neg = size - pos
+  above = blocks - starts[user]                                          # a_b
+  c = np.diff(np.r_[starts, n]).astype(np.float64)
+  p = np.bincount(user, pos).astype(np.float64)
+  per_user = lambda x: np.bincount(user, x, minlength=len(starts))
+  out = {}
+  for k in at:
+    hits = per_user(pos * np.clip(k - above, 0, size) / size)
+    out[f"P@{k}"] = hits / k
+    out[f"R@{k}"] = hits / p
+    out[f"random_P@{k}"] = p / c * np.minimum(k, c) / k
+    out[f"random_R@{k}"] = np.minimum(k, c) / c
+  negatives_above = np.cumsum(neg) - neg
+  negatives_above -= negatives_above[np.searchsorted(blocks, starts)][user]
+  below = (c - p)[user] - negatives_above - neg
+  out["AUC"] = per_user(pos * (below + 0.5 * neg)) / (p * (c - p))
+  out["random_AUC"] = np.full(len(starts), 0.5)
+  out = {k: float(np.mean(v)) for k, v in out.items()}
   out["users"] = len(starts)
-  out["candidates_per_user"] = float(np.mean(stops - starts))
+  out["candidates_per_user"] = float(np.mean(c))
   out["positives_per_user"] = float(labels.sum() / max(len(starts), 1))
   return out
 

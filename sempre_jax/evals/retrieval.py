@@ -1,8 +1,9 @@
 """How good is the space, exactly?
 
 Retrieval on a held-out split with exact ranks (`sempre_jax.evals.ranks`: every
-candidate counted, the best-ranked of several ground truths counts, ties at
-their expected rank under random tie-breaking), computed on all devices.
+candidate counted, the best-ranked of several ground truths counts, ties as
+the expectation under random tie-breaking: expected ranks, and R@K the exact
+expected recall), computed on all devices.
 
 Tasks (queries -> candidates, ground truth):
   text->user   every text of the split -> all users, its author.
@@ -73,16 +74,18 @@ def random_metrics(num_gts: np.ndarray, num_candidates: int) -> dict:
   return out
 
 
-def rank_metrics(ranks_: np.ndarray, num_candidates: int,
+def rank_metrics(ranks_: ranks.Ranks, num_candidates: int,
                  num_gts: np.ndarray | None = None) -> dict:
-  """Median/mean rank, R@K (fraction with rank <= K) and the random baseline."""
+  """Median and mean of the expected ranks, R@K (the expected fraction of
+  queries with rank <= K under random tie-breaking) and the random baseline."""
   if len(ranks_) == 0:
     return {"queries": 0, "candidates": int(num_candidates)}
   num_gts = np.ones(len(ranks_), np.int64) if num_gts is None else num_gts
+  expected = ranks_.rank
   out = {"queries": int(len(ranks_)), "candidates": int(num_candidates),
-         "median_rank": float(np.median(ranks_)), "mean_rank": float(np.mean(ranks_))}
+         "median_rank": float(np.median(expected)), "mean_rank": float(np.mean(expected))}
   for k in RECALL_AT:
-    out[f"R@{k}"] = float(np.mean(ranks_ <= k))
+    out[f"R@{k}"] = float(np.mean(ranks_.recall_at(k)))
   out.update(random_metrics(num_gts, num_candidates))
   return out
 
@@ -245,7 +248,7 @@ class RetrievalEvaluator:
                              tie_tolerance=c.tie_tolerance)
 
   def model_ranks(self, params) -> dict:
-    """{task: ranks} of the model with `params`."""
+    """{task: ranks.Ranks} of the model with `params`."""
     embed = functools.partial(self.embedder, self.embedder.place(params))
     kind = self.config.get("user_vectors", "model")
     users = (embed("user", np.arange(self.num_users, dtype=np.int32)) if kind == "model"
