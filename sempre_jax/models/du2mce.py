@@ -110,7 +110,8 @@ def loss_fn(module: DU2MCE, config: ml_collections.ConfigDict,
     del rng
     value, metrics = losses.du2mce_loss(
         module.apply(variables, batch), batch, lambdas=(loss.l1, loss.l2),
-        margin=loss.margin, mining=loss.mining, axis_name=mesh_lib.AXIS,
+        margin=loss.margin, mining=loss.mining, directions=loss.directions,
+        axis_name=mesh_lib.AXIS,
         candidate_chunk=loss.candidate_chunk, content_of_posts=module.merge_content)
     return value, metrics, {}
   return fn
