@@ -310,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   first = next(data_iter)
   example = jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first)
   variables = exp.init_variables(jax.random.key(config.seed), example)
-  stage_of = lambda step: next(i for i, s in enumerate(stages) if step <= s.end_step)
+  stage_of = lambda step: next((i for i, s in enumerate(stages) if step <= s.end_step),
+                               len(stages) - 1)
 
   def state_for(stage: Stage, variables: Mapping, step: int = 0) -> TrainState:
     """A train state of `stage` at `step`, with a fresh optimizer."""

@@ -17,8 +17,7 @@ from scipy import sparse
 
 from configs import du2mce
 from input_pipeline import interactions, loader, prepare, records, text, word2vec
-from sempre_jax import train
-from sempre_jax.evals import retrieval as evaluation
+from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWEETS = os.path.join(ROOT, "..", "shared", "data", "mediaeval2016", "posts.jsonl")
@@ -157,15 +156,17 @@ def _tiny_config(data_dir, dim, **overrides):
   config.model.update(embed_dim=16, word_dim=dim, user_dim=dim, text_filters=(8, 8, 8),
                       image_input="pixels")
   config.update({"batch_size": 8, "num_epochs": 0, "log_every_steps": 1, **overrides})
-  config.eval.batch_size = 32
+  del config.evals["val"]            # a tiny corpus: no validation split to select on
+  config.best = ""
+  config.evals.test.batch_size = 32
   return config
 
 
 def test_word2vec_initialisation_reaches_the_model(prepared_bad, bad_corpus, tmp_path):
   report, out, _ = prepared_bad
   config = _tiny_config(out, 8)
-  config.eval.split = "train"
-  state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.evals.test.split = "train"
+  state, _ = conftest.run(config, tmp_path / "run")
   init = np.load(os.path.join(out, word2vec.INIT_FILE))
   np.testing.assert_array_equal(state.params["text"]["word_embed"]["embedding"], init["words"])
   np.testing.assert_array_equal(state.params["user"]["user_embed"]["embedding"], init["users"])
@@ -187,7 +188,7 @@ def test_word2vec_initialisation_reaches_the_model(prepared_bad, bad_corpus, tmp
     np.testing.assert_allclose(init["users"][u], init["words"][ids].mean(0), rtol=1e-5)
   config.model.word_dim = 16
   with pytest.raises(ValueError, match="word_embed"):
-    train.train_and_evaluate(config, str(tmp_path / "run2"))
+    conftest.run(config, tmp_path / "run2")
 
 
 # ------------------------------------------------------ a corpus without images --
@@ -213,7 +214,8 @@ def test_text_only_corpus_trains_and_evaluates(tmp_path, capsys):
   # image_input="features" with feature_dim 0: an image tower without parameters.
   config = _tiny_config(out, 8, num_epochs=1)
   config.model.image_input = "features"
-  state, results = train.train_and_evaluate(config, str(tmp_path / "r"))
+  state, results = conftest.run(config, tmp_path / "r")
+  results = results["test"]
   assert "image" not in state.params and int(state.step) > 0
   table = capsys.readouterr().out
   assert "image->text" in table and "(no queries in this split)" in table
