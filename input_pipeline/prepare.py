@@ -70,6 +70,7 @@ import numpy as np
 from input_pipeline import dedup, images, oracle, progress, records, splits, text, word2vec
 
 REPORT_FILE = "prepare_report.json"
+FEATURES_FILE = "image_features.npz"   # written with image_encoder
 EXAMPLES = 5
 MIN_HELD_OUT = 50   # fewer held-out posts or images than this: a warning
 # Problems that drop a post or part of it (fatal with --strict); others are notes.
@@ -102,6 +103,7 @@ class Options:
   image_root: str | None = None       # default: the folder of the posts file
   image_size: int = 64
   image_features: str | None = None   # .npz: image path (as in the posts) or id -> vector
+  image_encoder: str = "none"         # efficientnet_lite0 | resnet152:PATH | none (cnn/features.py)
   actions: str | None = None          # JSONL: user_id, post_id[, timestamp, kind]
   follows: str | None = None          # JSONL: user_id, followee_id
   oracle: str | None = None           # the planted truth (oracle.py), copied as oracle.npz
@@ -378,6 +380,19 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
 
 # ------------------------------------------------------------- features ------
 
+def encode_images(keys: Sequence[str], paths: Sequence[str | None], encoder: str,
+                  out_dir: str) -> str:
+  """The pooled features of a frozen pretrained CNN (`encoder`, see
+  input_pipeline/cnn/features.py) for the images found by pass 1, written as
+  out_dir/image_features.npz (key: the image as the posts name it); its path."""
+  from input_pipeline.cnn import features   # JAX and Flax only when asked for
+  out = os.path.join(out_dir, FEATURES_FILE)
+  os.makedirs(out_dir, exist_ok=True)
+  features.extract_features({k: p for k, p in zip(keys, paths) if p is not None}, encoder,
+                            out)
+  return out
+
+
 def _feature_key(keys: Sequence[str], key: str) -> str | None:
   """The .npz key of an image: its path as given, its file name, or its stem."""
   for k in (key, os.path.basename(key), os.path.splitext(os.path.basename(key))[0]):
@@ -587,6 +602,15 @@ def check_inputs(posts_path: str, options: Options) -> None:
                        f"got {options.held_out_authors!r}")
   if options.num_shards < 1 or options.min_count < 1 or options.word2vec_dim < 0:
     raise PrepareError("--num_shards and --min_count must be >= 1, --word2vec_dim >= 0")
+  if options.image_encoder != "none":
+    from input_pipeline.cnn import features   # JAX and Flax only when asked for
+    try:
+      features.parse_spec(options.image_encoder)
+    except ValueError as e:
+      raise PrepareError(f"--image_encoder: {e}") from None
+    if options.image_features:
+      raise PrepareError("--image_encoder and --image_features both give image features: "
+                         "choose one")
   if options.image_features:
     try:
       _feature_keys(options.image_features)
@@ -658,6 +682,9 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
   chunks = -(-(_count_lines(posts_path) + 1) // options.chunk_lines)
   with _executor(min(options.workers or os.cpu_count(), chunks)) as pool:
     posts = scan(posts_path, options, root, pool, issues)
+    if options.image_encoder != "none":
+      options = dataclasses.replace(options, image_features=encode_images(
+          posts["image_keys"], posts["image_paths"], options.image_encoder, out_dir))
     image, indptr = posts["image"], posts["indptr"]
     lengths = np.diff(indptr)
 

