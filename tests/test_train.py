@@ -191,7 +191,8 @@ def test_a_new_stage_starts_a_fresh_optimizer(tmp_path):
   moments carried over; the frozen towers do not move."""
   config = _small_config()
   config.update_from_flattened_dict(du2mce.VARIANTS["bridging"])
-  config.update(num_epochs=4, checkpoint_every_steps=1, learning_rate=1e-3)
+  config.update(num_epochs=4, checkpoint_every_steps=1, keep_checkpoints=1000,
+                learning_rate=1e-3)
   config.model.init_from_word2vec = False
   del config.evals["val"]
   config.best = ""
