@@ -44,6 +44,14 @@ def _transposed(x: jnp.ndarray) -> jnp.ndarray:
   return barrier(barrier(x).T.reshape(-1)).reshape(x.shape[::-1])
 
 
+def _varying_like(param: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+  """param cast to vary over the mesh axes x varies over (inside shard_map), as
+  a custom VJP's gradient of it must; the cast's transpose sums the gradients."""
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  axes = tuple(sorted(varying(x) - varying(param)))
+  return jax.lax.pcast(param, axes, to="varying") if axes else param
+
+
 @jax.custom_vjp
 def matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   """x [M, K] @ kernel [K, N] -> float32 [M, N], in x's dtype summed in float32.
@@ -78,7 +86,7 @@ class Dense(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    y = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel)
+    y = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), _varying_like(kernel, x))
     return y.reshape(x.shape[:-1] + (self.features,)) + bias
 
 
@@ -94,8 +102,8 @@ def kim_conv_max(x: jnp.ndarray, valid: jnp.ndarray, kernels: Sequence[jnp.ndarr
   summed in float32.
   """
   order = sorted(range(len(kernels)), key=lambda j: kernels[j].shape[0])
-  pooled = _kim_conv_max(x, valid, tuple(kernels[j] for j in order),
-                         tuple(biases[j] for j in order), jnp.dtype(dtype))
+  pooled = _kim_conv_max(x, valid, tuple(_varying_like(kernels[j], x) for j in order),
+                         tuple(_varying_like(biases[j], x) for j in order), jnp.dtype(dtype))
   blocks, start = {}, 0
   for j in order:
     blocks[j] = pooled[:, start:start + kernels[j].shape[-1]]
@@ -126,7 +134,7 @@ def _kim_conv_max_fwd(x, valid, kernels, biases, dtype):
     top = jnp.take_along_axis(h, argmax[-1][..., None], axis=-1)[..., 0]
     pooled.append(jax.nn.relu(top + bias[:, None]))                     # [n, B]
   pooled = jnp.concatenate(pooled, 0)
-  return pooled.T, (windows, kernels, jnp.concatenate(argmax, 0), pooled > 0)
+  return _transposed(pooled), (windows, kernels, jnp.concatenate(argmax, 0), pooled > 0)
 
 
 def _kim_conv_max_bwd(dtype, residuals, d_pooled):
