@@ -5,15 +5,18 @@ product is the cosine similarity of the DU2MCE loss. `dtype` is the compute
 dtype (bfloat16 for mixed precision); parameters stay float32 and every output
 is normalised and returned in float32, so the loss is computed in float32.
 
-The text convolutions and every projection are matrix products of operands
-rounded to `dtype` whose products are summed in float32 (`matmul`,
-`kim_conv_max`), forward and backward: CPUs with bfloat16 dot instructions
-(avx512_bf16, through XLA:CPU's YNNPACK kernels) run those up to 3x faster
-than float32, while XLA's own bfloat16 convolutions and bfloat16-output dots
-run slower than float32. Those kernels take a dot only when the contracted axis
-of its left operand is innermost in memory, so the convolutions work on
-feature-major activations [features, positions] and a weight gradient
-contracted over the batch first stores one operand transposed.
+On CPU with a dtype narrower than float32 (`uses_dots`), the text
+convolutions and the projections are matrix products of operands rounded to
+`dtype`, summed in float32 (`kim_conv_max`, `Dense`), forward and backward:
+CPUs with bfloat16 dot instructions (avx512_bf16, through XLA:CPU's YNNPACK
+kernels) run those up to 3x faster than float32, while XLA:CPU's bfloat16
+convolutions and bfloat16-output dots run slower than float32. Those kernels
+take a dot only when the contracted axis of its left operand is innermost in
+memory, so the convolutions work on feature-major activations [features,
+positions] and a weight gradient contracted over the batch first stores one
+operand transposed. Elsewhere (float32, where XLA:CPU's own convolution is
+fastest; GPUs and TPUs, whose narrow convolutions are native) the encoders use
+flax's layers. Both have the same parameters.
 """
 
 import functools
@@ -28,6 +31,12 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
   """x / ||x|| along the last axis, in float32 (zero vectors stay zero)."""
   x = x.astype(jnp.float32)
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def uses_dots(dtype) -> bool:
+  """Whether the encoders compute in `dtype` with `kim_conv_max` and `Dense`
+  rather than flax's nn.Conv and nn.Dense: dtypes narrower than float32, on CPU."""
+  return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
 
 
 def _dot(a: jnp.ndarray, b: jnp.ndarray, contract: tuple[int, int]) -> jnp.ndarray:
@@ -74,6 +83,13 @@ def _matmul_bwd(residuals, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense(features: int, dtype, name: str) -> nn.Module:
+  """A projection: `Dense` where `uses_dots(dtype)`, else flax's nn.Dense."""
+  if uses_dots(dtype):
+    return Dense(features, dtype, name=name)
+  return nn.Dense(features, dtype=dtype, name=name)
 
 
 class Dense(nn.Module):
@@ -186,7 +202,7 @@ class FeatureImageEncoder(nn.Module):
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
     if features.shape[-1] == 0:
       return jnp.zeros(features.shape[:-1] + (self.embed_dim,), jnp.float32)
-    return l2_normalize(Dense(self.embed_dim, self.dtype, name="proj")(features))
+    return l2_normalize(_dense(self.embed_dim, self.dtype, "proj")(features))
 
 
 IMAGE_INPUTS = ("features", "pixels")
@@ -233,16 +249,16 @@ class PixelImageEncoder(nn.Module):
   def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
     x = ConvNet(self.channels, tuple(range(len(self.channels) - 1)), self.dtype,
                 name="convnet")(pixels)
-    return l2_normalize(Dense(self.embed_dim, self.dtype, name="proj")(x))
+    return l2_normalize(_dense(self.embed_dim, self.dtype, "proj")(x))
 
 
 class KimCNNTextEncoder(nn.Module):
   """Kim's sentence CNN: tokens [B, L] -> [B, D].
 
   Word embeddings [V, word_dim]; parallel 1-D convolutions of the given widths
-  (ReLU), max over the time steps that start inside the text, concatenated
-  (`kim_conv_max`), then a Dense projection. Padding positions contribute zero
-  vectors. Parameters as with flax's nn.Conv: conv{w}/kernel [w, word_dim, n].
+  (ReLU), max over the time steps that start inside the text, concatenated,
+  then a Dense projection. Padding positions contribute zero vectors.
+  Parameters as flax's nn.Conv names them: conv{w}/kernel [w, word_dim, n].
   """
   vocab_size: int
   embed_dim: int
@@ -253,13 +269,22 @@ class KimCNNTextEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    x = nn.Embed(self.vocab_size, self.word_dim, name="word_embed")(tokens)
-    x = x * mask[..., None]
-    params = [_ConvParams(w, n, name=f"conv{w}")(self.word_dim)
-              for w, n in zip(self.widths, self.filters)]
-    h = kim_conv_max(x, mask.astype(bool), [k for k, _ in params], [b for _, b in params],
-                     self.dtype)
-    return l2_normalize(Dense(self.embed_dim, self.dtype, name="proj")(h))
+    x = nn.Embed(self.vocab_size, self.word_dim, name="word_embed")(tokens) * mask[..., None]
+    if uses_dots(self.dtype):
+      params = [_ConvParams(w, n, name=f"conv{w}")(self.word_dim)
+                for w, n in zip(self.widths, self.filters)]
+      h = kim_conv_max(x, mask.astype(bool), [k for k, _ in params], [b for _, b in params],
+                       self.dtype)
+    else:
+      pooled = []
+      for width, n in zip(self.widths, self.filters):
+        padded = jnp.pad(x, ((0, 0), (0, width - 1), (0, 0)))
+        h = nn.relu(nn.Conv(n, (width,), padding="VALID", dtype=self.dtype,
+                            name=f"conv{width}")(padded))
+        h = jnp.where(mask[..., None], h, -jnp.inf).max(axis=1)     # [B, n]
+        pooled.append(jnp.where(jnp.isfinite(h), h, 0.0))          # empty texts -> 0
+      h = jnp.concatenate(pooled, axis=-1)
+    return l2_normalize(_dense(self.embed_dim, self.dtype, "proj")(h))
 
 
 class UserEncoder(nn.Module):
@@ -272,7 +297,7 @@ class UserEncoder(nn.Module):
   @nn.compact
   def __call__(self, users: jnp.ndarray) -> jnp.ndarray:
     x = nn.Embed(self.num_users, self.user_dim, name="user_embed")(users)
-    return l2_normalize(Dense(self.embed_dim, self.dtype, name="proj")(x))
+    return l2_normalize(_dense(self.embed_dim, self.dtype, "proj")(x))
 
 
 class LSTMTextEncoder(nn.Module):
