@@ -12,7 +12,7 @@ CNN) and compute dtype at the paper's sizes (batch 1000, D = 1024, 40k users,
     (MFU; bfloat16: bfloat16 operands summed in float32);
   - the input pipeline's posts/s from shards to device-ready batches, alone and
     while the train step runs in the main thread.
-With --peer=torch (pip install -e .[peers]), the features step of sempre-jax in
+With --peer=torch (pip install -e ".[torch]"), the features step of sempre-jax in
 float32 and bfloat16 and of its plain PyTorch peer (benchmarks/torch_peer.py:
 eager float32, torch.compile float32, eager bfloat16 autocast) on the same
 batch from the same parameters: the loss of each on that batch (their

@@ -10,7 +10,7 @@ sum over in-batch negatives, accidental hits and missing modalities masked);
 Adam. With `bfloat16=True` the towers run under CPU autocast and the loss stays
 float32, the same split as sempre-jax's model.dtype=bfloat16. Parameters can be
 copied from a sempre-jax parameter tree, so both compute the same loss on one
-batch. torch is an optional extra: pip install -e .[peers].
+batch. torch is an optional extra: pip install -e ".[torch]".
 """
 
 from collections.abc import Mapping
