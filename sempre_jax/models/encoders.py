@@ -135,16 +135,15 @@ def _kim_conv_max(x, valid, kernels, biases, dtype):
 
 def _kim_conv_max_fwd(x, valid, kernels, biases, dtype):
   (b, length, e), width = x.shape, kernels[-1].shape[0]
-  xt = _transposed(x.astype(dtype).reshape(b * length, e)).reshape(e, b, length)
-  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, width - 1)))
-  # Row i * E + e of the windows is x[b, t + i, e]; width w reads the first w * E rows.
-  windows = jnp.concatenate([xt[:, :, i:i + length] for i in range(width)], 0)
-  windows = windows.reshape(width * e, b * length)
+  x = jnp.pad(x.astype(dtype), ((0, 0), (0, width - 1), (0, 0)))
+  # Column i * E + e of window (b, t) is x[b, t + i, e]; width w reads the first w * E.
+  windows = jnp.concatenate([x[:, i:i + length] for i in range(width)], axis=-1)
+  windows = windows.reshape(b * length, width * e)
   kernels = tuple(k.astype(dtype) for k in kernels)
   pooled, argmax = [], []
   for kernel, bias in zip(kernels, biases):
     w, _, n = kernel.shape
-    h = _dot(_transposed(kernel.reshape(w * e, n)), windows[:w * e], (1, 0))
+    h = _dot(_transposed(kernel.reshape(w * e, n)), windows[:, :w * e], (1, 1))
     h = jnp.where(valid, h.reshape(n, b, length), -jnp.inf)           # [n, B, L]
     argmax.append(jnp.argmax(h, axis=-1))
     top = jnp.take_along_axis(h, argmax[-1][..., None], axis=-1)[..., 0]
@@ -156,15 +155,15 @@ def _kim_conv_max_fwd(x, valid, kernels, biases, dtype):
 def _kim_conv_max_bwd(dtype, residuals, d_pooled):
   windows, kernels, argmax, active = residuals
   (_, b), (_, e, _), width = argmax.shape, kernels[0].shape, kernels[-1].shape[0]
-  length = windows.shape[1] // b
+  length = windows.shape[0] // b
   d = jnp.where(active, d_pooled.T, 0.0)                                 # [N, B]
   g = jnp.where(jnp.arange(length) == argmax[..., None], d[..., None], 0.0)
   g = g.astype(dtype).reshape(d.shape[0], -1)                            # [N, B L]
   starts = [0]
   for k in kernels:
     starts.append(starts[-1] + k.shape[-1])
-  d_kernels = tuple(_dot(windows[:k.shape[0] * e], g[s:s + k.shape[-1]], (1, 1)).reshape(k.shape)
-                    for k, s in zip(kernels, starts))
+  d_kernels = tuple(_transposed(_dot(g[s:s + k.shape[-1]], windows[:, :k.shape[0] * e], (1, 0)))
+                    .reshape(k.shape) for k, s in zip(kernels, starts))
   d_biases = tuple(d[s:s + k.shape[-1]].sum(axis=1) for k, s in zip(kernels, starts))
   d_xt = 0.0
   for i in range(width):          # shift i: the kernels wider than i, a suffix of g's rows
