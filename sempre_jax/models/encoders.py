@@ -137,7 +137,8 @@ def _kim_conv_max_fwd(x, valid, kernels, biases, dtype):
   (b, length, e), width = x.shape, kernels[-1].shape[0]
   x = jnp.pad(x.astype(dtype), ((0, 0), (0, width - 1), (0, 0)))
   # Column i * E + e of window (b, t) is x[b, t + i, e]; width w reads the first w * E.
-  windows = jnp.concatenate([x[:, i:i + length] for i in range(width)], axis=-1)
+  # (Stacked, not concatenated: XLA:CPU concatenates bfloat16 through float32, 3x slower.)
+  windows = jnp.stack([x[:, i:i + length] for i in range(width)], axis=2)
   windows = windows.reshape(b * length, width * e)
   kernels = tuple(k.astype(dtype) for k in kernels)
   pooled, argmax = [], []
