@@ -12,9 +12,10 @@ CPUs with bfloat16 dot instructions (avx512_bf16, through XLA:CPU's YNNPACK
 kernels) run those up to 3x faster than float32, while XLA:CPU's bfloat16
 convolutions and bfloat16-output dots run slower than float32. Those kernels
 take a dot only when the contracted axis of its left operand is innermost in
-memory, so the convolutions work on feature-major activations [features,
-positions] and a weight gradient contracted over the batch first stores one
-operand transposed. Elsewhere (float32, where XLA:CPU's own convolution is
+memory (otherwise XLA computes it in float32), so the convolutions contract
+windows [positions, w * E] on their last axis into feature-major outputs
+[filters, positions], and a weight gradient contracted over the batch first
+stores one operand transposed. Elsewhere (float32, where XLA:CPU's own convolution is
 fastest; GPUs and TPUs, whose narrow convolutions are native) the encoders use
 flax's layers. Both have the same parameters.
 """
