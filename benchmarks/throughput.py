@@ -1,16 +1,29 @@
-"""Train-step and input-pipeline throughput, with model FLOPs utilisation.
+"""Train-step and input-pipeline throughput, with model FLOPs utilisation, and
+the same step in PyTorch.
 
-  python benchmarks/throughput.py [--modes=features,pixels] [--steps=10]
+  python benchmarks/throughput.py [--modes=features,pixels]
+      [--dtypes=float32,bfloat16] [--steps=10] [--peer=torch]
 
 For each mode (DU2MCE on frozen image features, or on pixels through the small
-CNN) at the paper's sizes (batch 1000, D = 1024, 40k users, 20k words):
+CNN) and compute dtype at the paper's sizes (batch 1000, D = 1024, 40k users,
+20k words):
   - the train step's posts/s on all local devices, its model FLOPs per second
-    and their ratio to the f32 matmul peak measured in the same run (MFU);
+    and their ratio to the matmul peak of that dtype measured in the same run
+    (MFU; bfloat16: bfloat16 operands summed in float32);
   - the input pipeline's posts/s from shards to device-ready batches, alone and
     while the train step runs in the main thread.
-Prints a table and a JSON line. Runs unchanged on CPU, GPU or TPU.
+With --peer=torch (pip install -e ".[torch]"), the features step of sempre-jax in
+float32 and bfloat16 and of its plain PyTorch peer (benchmarks/torch_peer.py:
+eager float32, torch.compile float32, eager bfloat16 autocast) on the same
+batch from the same parameters: the loss of each on that batch (their
+difference to sempre-jax float32 shows they compute the same thing), then
+their steps interleaved round by round (each after a pause, so no one's
+spinning threads eat into the next), posts/s per implementation and the
+per-round ratios sempre-jax / peer (median and range).
+Prints tables and JSON lines. Runs unchanged on CPU, GPU or TPU (the peer: CPU).
 """
 
+import inspect
 import json
 import tempfile
 import threading
@@ -22,23 +35,26 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import du2mce
+from configs import du2mce as du2mce_config
 from input_pipeline import embedded, loader, records
-from sempre_jax import losses, mesh as mesh_lib, tasks, train
-from sempre_jax.models import du2mce
+from sempre_jax import losses, mesh as mesh_lib, train
+from sempre_jax.models import du2mce, encoders
 
 flags.DEFINE_list("modes", ["features", "pixels"], "Image inputs to benchmark.")
-flags.DEFINE_integer("steps", 10, "Timed train steps per mode.")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (model.dtype).")
+flags.DEFINE_integer("steps", 10, "Timed train steps per mode and dtype (rounds with --peer).")
 flags.DEFINE_integer("users", 40_000, "Users (rows of the user table).")
 flags.DEFINE_integer("vocab", 20_000, "Words (rows of the word table).")
 flags.DEFINE_integer("image_size", 64, "Pixel side for the pixels mode.")
+flags.DEFINE_enum("peer", "", ["", "torch"], "Also time this framework's version of the step.")
 FLAGS = flags.FLAGS
 
 
-def matmul_peak(n: int = 4096, reps: int = 10) -> float:
-  """Best f32 FLOP/s of a jitted n x n matmul (of 3 timings)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def matmul_peak(dtype: str = "float32", n: int = 4096, reps: int = 10) -> float:
+  """Best FLOP/s of a jitted n x n matmul (of 3 timings), operands in `dtype`,
+  products summed in float32."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = 0.0
   for _ in range(3):
@@ -94,14 +110,32 @@ def random_batch(batch_size: int, users: int, vocab: int, image_input: str,
   return batch
 
 
-def time_steps(step, state, batch, steps: int) -> tuple[float, object]:
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
+class JaxStep:
+  """sempre-jax's DU2MCE train step on one batch (`run` advances the state)."""
+
+  def __init__(self, config, batch: dict, mesh):
+    module = du2mce.build(config.model, {"num_users": FLAGS.users, "vocab_size": FLAGS.vocab})
+    state = train.create_train_state(module.init(jax.random.key(0), batch),
+                                     train.make_optimizer(config, 100))
+    self.params = jax.device_get(state.params)      # the initial parameters, on the host
+    self.step, zero_sums = train.make_train_step(du2mce.loss_fn(module, config, config.loss), mesh)
+    self.state = jax.device_put(state, NamedSharding(mesh, P()))
+    self.batch = mesh_lib.shard_batch(mesh, batch)
+    self.zero = zero_sums(self.state, self.batch)
+
+  def run(self) -> float:
+    """One step; returns the loss before its update."""
+    self.state, sums = self.step(self.state, self.zero, self.batch)
+    return float(sums["loss"])
+
+
+def time_steps(run, steps: int) -> float:
+  """Seconds per call of run() (after one untimed call)."""
+  run()
   t = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - t) / steps, state
+    run()
+  return (time.perf_counter() - t) / steps
 
 
 def pipeline_rate(data_iter, mesh, seconds: float, stop: threading.Event | None = None):
@@ -114,50 +148,119 @@ def pipeline_rate(data_iter, mesh, seconds: float, stop: threading.Event | None 
   return posts / (time.perf_counter() - t)
 
 
-def bench_mode(image_input: str, data_dir: str, metadata: dict) -> dict:
-  config = du2mce.get_config()
+def bench_mode(image_input: str, dtypes, data_dir: str, metadata: dict, peaks: dict) -> list:
+  """One row per dtype: step throughput and MFU; the pipeline alone and while
+  the first dtype's step runs."""
+  config = du2mce_config.get_config()
   config.model.image_input = image_input
-  bs = config.batch_size
-  mesh = mesh_lib.make_mesh()
-  model = du2mce.build_model(config.model, {"num_users": FLAGS.users,
-                                            "vocab_size": FLAGS.vocab})
+  bs, mesh = config.batch_size, mesh_lib.make_mesh()
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, image_input, FLAGS.image_size,
                        np.random.default_rng(0))
-  state = train.create_train_state(model.init(jax.random.key(0), batch),
-                                   train.make_optimizer(config, 100))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  step = train.make_train_step(
-      tasks.du2mce_loss_fn(model, config.loss, (config.loss.l1, config.loss.l2)), mesh)
-  device_batch = mesh_lib.shard_batch(mesh, batch)
-  step_s, state = time_steps(step, state, device_batch, FLAGS.steps)
+  flops = model_flops_per_post(config, bs, FLAGS.image_size)
+  rows, runners = [], []
+  for dtype in dtypes:
+    config.model.dtype = dtype
+    runners.append(JaxStep(config, batch, mesh))
+    step_s = time_steps(runners[-1].run, FLAGS.steps)
+    rows.append({"mode": image_input, "dtype": dtype, "batch": bs,
+                 "devices": mesh.devices.size, "step_ms": 1e3 * step_s,
+                 "train_posts_per_s": bs / step_s, "model_gflop_per_post": flops / 1e9,
+                 "model_gflop_per_s": flops * bs / step_s / 1e9,
+                 "matmul_peak_gflop_per_s": peaks[dtype] / 1e9,
+                 "mfu": flops * bs / step_s / peaks[dtype]})
 
   data_iter = loader.train_iterator(
       data_dir, metadata, batch_size=bs, image_input=image_input,
       image_key=encoders.image_key(image_input), seed=0)
   pipeline_rate(data_iter, mesh, 2.0)                       # warm up the prefetch
-  alone = pipeline_rate(data_iter, mesh, max(5.0, 3 * step_s))
+  alone = pipeline_rate(data_iter, mesh, max(5.0, 3 * rows[0]["step_ms"] / 1e3))
   stop, rates = threading.Event(), []
   worker = threading.Thread(target=lambda: rates.append(
       pipeline_rate(data_iter, mesh, 1e9, stop)))
   worker.start()
-  shared_step_s, state = time_steps(step, state, device_batch, FLAGS.steps)
+  shared_step_s = time_steps(runners[0].run, FLAGS.steps)
   stop.set()
   worker.join()
+  for r in rows:
+    r.update(pipeline_posts_per_s=alone, pipeline_posts_per_s_while_training=rates[0],
+             train_posts_per_s_while_pipeline=bs / shared_step_s,
+             pipeline_over_train=alone * r["step_ms"] / 1e3 / bs)
+  return rows
 
-  flops = model_flops_per_post(config, bs, FLAGS.image_size)
-  return {"mode": image_input, "batch": bs, "devices": mesh.devices.size,
-          "step_ms": 1e3 * step_s, "train_posts_per_s": bs / step_s,
-          "model_gflop_per_post": flops / 1e9,
-          "model_gflop_per_s": flops * bs / step_s / 1e9,
-          "pipeline_posts_per_s": alone, "pipeline_posts_per_s_while_training": rates[0],
-          "train_posts_per_s_while_pipeline": bs / shared_step_s,
-          "pipeline_over_train": alone / (bs / step_s)}
+
+def loss_directions(config) -> str:
+  """The hinge directions sempre-jax's loss computes under `config` ("both"
+  where losses.du2mce_loss has no `directions` argument)."""
+  arg = inspect.signature(losses.du2mce_loss).parameters.get("directions")
+  return config.loss.get("directions", arg.default if arg else "both")
+
+
+def compare_torch(steps: int) -> list:
+  """sempre-jax float32 and bfloat16 vs the PyTorch peer, features step,
+  interleaved rounds on one batch from the same parameters."""
+  import torch                                      # pylint: disable=import-outside-toplevel
+  import torch_peer                                 # pylint: disable=import-outside-toplevel
+
+  config = du2mce_config.get_config()
+  bs, mesh = config.batch_size, mesh_lib.make_mesh()
+  batch = random_batch(bs, FLAGS.users, FLAGS.vocab, "features", 0, np.random.default_rng(0))
+  tbatch = torch_peer.to_torch(batch)
+  directions = loss_directions(config)
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    jax_step = JaxStep(config, batch, mesh)
+    runs[f"sempre-jax {dtype}"] = jax_step.run
+  params = jax_step.params                          # the same for both dtypes
+  peers = {"torch eager float32": {}, "torch.compile float32": {"compile": True},
+           "torch eager bfloat16 autocast": {"bfloat16": True}}
+  for name, kwargs in peers.items():
+    model = torch_peer.DU2MCE(FLAGS.users, FLAGS.vocab, config.model.embed_dim,
+                              config.model.word_dim, config.model.user_dim,
+                              config.model.text_widths, config.model.text_filters)
+    trainer = torch_peer.Trainer(
+        model.load_flax(params), learning_rate=config.learning_rate,
+        lambdas=(config.loss.l1, config.loss.l2), margin=config.loss.margin,
+        directions=directions, **kwargs)
+    runs[name] = lambda trainer=trainer: float(trainer.step(tbatch))
+
+  print(f"\nPyTorch {torch.__version__} peer, {torch.get_num_threads()} threads; loss "
+        f"directions {directions!r}; loss on one batch from the same parameters:", flush=True)
+  first = {}
+  for name, run in runs.items():
+    first[name] = run()                              # compiles; the loss before any update
+    run()                                            # torch.compile may compile again
+    print(f"  {name:<31} {first[name]:.6f}  (- sempre-jax float32: "
+          f"{first[name] - first['sempre-jax float32']:+.2e})", flush=True)
+  seconds = {name: [] for name in runs}
+  for _ in range(steps):
+    for name, run in runs.items():
+      time.sleep(0.3)
+      t = time.perf_counter()
+      run()
+      seconds[name].append(time.perf_counter() - t)
+  rows = [{"impl": name, "loss": first[name], "step_ms": 1e3 * np.median(s),
+           "step_ms_min": 1e3 * min(s), "step_ms_max": 1e3 * max(s),
+           "posts_per_s": bs / np.median(s)} for name, s in seconds.items()]
+  print(f"{'implementation (features step)':<31} {'step ms (median, min-max)':>26} {'posts/s':>8}")
+  for r in rows:
+    print(f"{r['impl']:<31} {r['step_ms']:>10.0f} ({r['step_ms_min']:>5.0f}-"
+          f"{r['step_ms_max']:>5.0f}) {r['posts_per_s']:>8.0f}")
+  print(f"per-round speed ratio, sempre-jax / peer: median (min-max) over {steps} rounds")
+  for ours in ("sempre-jax float32", "sempre-jax bfloat16"):
+    for peer in peers:
+      ratio = np.array(seconds[peer]) / np.array(seconds[ours])
+      print(f"  {ours:<20} / {peer:<30} {np.median(ratio):.2f} "
+            f"({ratio.min():.2f}-{ratio.max():.2f})")
+      rows.append({"ratio": f"{ours} / {peer}", "median": float(np.median(ratio)),
+                   "min": float(ratio.min()), "max": float(ratio.max())})
+  return rows
 
 
 def main(argv):
   del argv
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
-  peak = matmul_peak()
+  peaks = {dtype: matmul_peak(dtype) for dtype in FLAGS.dtypes}
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for mode in FLAGS.modes:
@@ -166,20 +269,23 @@ def main(argv):
       data_dir = embedded.ensure(spec, {"test": 0.01}, num_shards=4, word2vec_dim=0, seed=0,
                                  root=f"{tmp}/{mode}")
       metadata = records.read_metadata(data_dir)
-      r = bench_mode(mode, data_dir, metadata)
-      r["matmul_peak_gflop_per_s"] = peak / 1e9
-      r["mfu"] = r["model_gflop_per_s"] * 1e9 / peak
-      results.append(r)
-      print(json.dumps(r), flush=True)
-  print(f"\nf32 matmul peak (4096^2, jit): {peak / 1e9:.0f} GFLOP/s; "
-        f"{FLAGS.users} users, {FLAGS.vocab} words, batch 1000, D 1024")
-  print(f"{'mode':<9} {'step ms':>8} {'posts/s':>8} {'GFLOP/post':>10} {'GFLOP/s':>8} "
-        f"{'MFU':>5} | {'pipeline posts/s':>16} {'x train':>7} {'while training':>14}")
+      for r in bench_mode(mode, FLAGS.dtypes, data_dir, metadata, peaks):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+  print("\nmatmul peak (4096^2, jit): " + ", ".join(
+      f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+        + f"; {FLAGS.users} users, {FLAGS.vocab} words, batch 1000, D 1024")
+  print(f"{'mode':<9} {'dtype':<9} {'step ms':>8} {'posts/s':>8} {'GFLOP/post':>10} "
+        f"{'GFLOP/s':>8} {'MFU':>5} | {'pipeline posts/s':>16} {'x train':>7} "
+        f"{'while training':>14}")
   for r in results:
-    print(f"{r['mode']:<9} {r['step_ms']:>8.0f} {r['train_posts_per_s']:>8.0f} "
+    print(f"{r['mode']:<9} {r['dtype']:<9} {r['step_ms']:>8.0f} {r['train_posts_per_s']:>8.0f} "
           f"{r['model_gflop_per_post']:>10.3f} {r['model_gflop_per_s']:>8.1f} "
           f"{r['mfu']:>5.0%} | {r['pipeline_posts_per_s']:>16.0f} "
           f"{r['pipeline_over_train']:>7.1f} {r['pipeline_posts_per_s_while_training']:>14.0f}")
+  if FLAGS.peer == "torch":
+    for r in compare_torch(FLAGS.steps):
+      print(json.dumps(r))
 
 
 if __name__ == "__main__":
