@@ -23,7 +23,8 @@ flags.DEFINE_string("data", None, "Another prepared dataset to rank (--vocab_fro
 flags.DEFINE_enum("cold_start", "none", coldstart.METHODS, "With --data: vectors for the "
                   "users unknown to the model, from their posts of the data's train split.")
 flags.DEFINE_integer("fold_in_steps", 100, "Adam steps of fold-in.")
-flags.DEFINE_float("fold_in_learning_rate", 0.01, "Adam learning rate of fold-in.")
+flags.DEFINE_float("fold_in_learning_rate", 0.0, "Adam learning rate of fold-in (0: the "
+                   "config's learning_rate, the rate the user rows trained with).")
 FLAGS = flags.FLAGS
 
 

@@ -16,7 +16,9 @@ only: users fold in independently (together or one at a time, the same
 vectors). r starts where DU2MCE starts a training user, at the mean Word2Vec
 vector of their training words (the data's word2vec_init.npz row,
 input_pipeline/word2vec.py), or at the mean known row when the data has none;
-then `steps` full-batch Adam steps.
+then `steps` full-batch Adam steps at the rate the rows trained with (the
+config's learning_rate; on Newsgroups 30 to 300 steps rank alike, a 10x
+larger rate worse: docs/new_data.md).
 
 Avg-Text, the baseline and the fallback for a user with no anchor of a
 trained term: normalize(sum of the embeddings of the user's post texts).
@@ -82,7 +84,7 @@ def avg_text(ev: Evidence) -> np.ndarray:
   """[K, D] each user's normalised mean text embedding (zeros: no text)."""
   sums = np.zeros([ev.num_users, ev.texts.shape[1]], np.float64)
   np.add.at(sums, ev.text_user, ev.texts)
-  return np.asarray(encoders.l2_normalize(sums))
+  return np.array(encoders.l2_normalize(sums))
 
 
 def init_rows(data_dir: str, num_known: int, num_users: int, known_rows: np.ndarray
@@ -100,7 +102,7 @@ def init_rows(data_dir: str, num_known: int, num_users: int, known_rows: np.ndar
 
 def fold_in(module: du2mce.DU2MCE, user_params: Mapping, known: np.ndarray, ev: Evidence,
             weights: Mapping[str, float], rows: np.ndarray, *, margin: float,
-            steps: int = 100, learning_rate: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+            steps: int = 100, learning_rate: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
   """(vectors [K, D], folded [K] bool): the fold-in of the module docstring.
 
   user_params: the user tower's parameters; known: [U, D] the known users'
@@ -215,7 +217,7 @@ def with_new_users(module: du2mce.DU2MCE, params: Mapping, vectors: np.ndarray
 
 def new_user_vectors(space: space_lib.Space, params: Mapping, data_dir: str, split: str,
                      num_known: int, method: str, weights: Mapping[str, float], *,
-                     margin: float, steps: int = 100, learning_rate: float = 0.01
+                     margin: float, steps: int, learning_rate: float
                      ) -> tuple[np.ndarray, dict]:
   """(vectors [K, D], {user k: how}) of the users >= num_known of `space`'s
   dataset from their posts of `split`: `method` "fold_in" (Avg-Text where it

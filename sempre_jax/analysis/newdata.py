@@ -107,7 +107,7 @@ def _filtered_split(data_dir: str, meta: Mapping, split: str, user_map: np.ndarr
 
 
 def evaluate(workdir: str, data_dir: str, checkpoint: str = "best", cold_start: str = "none",
-             *, steps: int = 100, learning_rate: float = 0.01) -> dict:
+             *, steps: int = 100, learning_rate: float | None = None) -> dict:
   """Ranks the dataset's split with the config's final retrieval evaluators
   (see the module); writes WORKDIR/eval_<name>_stepN_<data>[_<cold start>].json
   and returns {name: results}, each with a "new_data" entry of counts."""
@@ -134,10 +134,12 @@ def evaluate(workdir: str, data_dir: str, checkpoint: str = "best", cold_start: 
   params, how = variables["params"], {}
   vectors = np.zeros([0, exp.module.embed_dim], np.float32)
   if cold_start != "none":
-    space = space_lib.Space(exp.module, params, data_dir, data_meta)
+    space = space_lib.Space(exp.module, params, data_dir, data_meta,
+                            batch_size=space_lib.eval_batch_size(exp.config))
     vectors, how = coldstart.new_user_vectors(
         space, params, data_dir, "train", num_known, cold_start, exp.term_weights(),
-        margin=exp.config.loss.margin, steps=steps, learning_rate=learning_rate)
+        margin=exp.config.loss.margin, steps=steps,
+        learning_rate=learning_rate or exp.config.learning_rate)
   new = np.array(sorted(how), np.int64)
   user_map = np.full([data_meta["num_users"]], -1, np.int64)
   user_map[:num_known] = np.arange(num_known)
