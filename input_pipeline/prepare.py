@@ -466,7 +466,8 @@ def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
   in_train[user[(assignment == "train") | (False if known is None else known)]] = True
   dropped = ((assignment != "train") & ~in_train[user] & (options.held_out_authors != "any")
              & (given is None))
-  stats = {"split_field": options.split_field, "groups": num_groups, "groups_with_images": int(with_image.sum()),
+  stats = {"split_field": options.split_field, "groups": num_groups,
+           "groups_with_images": int(with_image.sum()),
            "groups_kept_in_train_authors_post_nowhere_else": int((~eligible).sum()),
            "posts_in_those_groups": int(size[~eligible].sum()),
            "held_out_authors": options.held_out_authors,
