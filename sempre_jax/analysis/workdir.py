@@ -6,7 +6,6 @@ the run's Experiment (model, data, evaluators) around a checkpoint's
 variables; `evaluate` re-runs the config's final evaluators on it.
 """
 
-
 import jax
 import ml_collections
 
