@@ -1,6 +1,6 @@
 """Embeds new posts, their images and their users with a workdir's checkpoint.
 
-  python launch/embed.py --workdir=runs/du2mce --posts=new_posts.jsonl --out=runs/new \
+  python launch/embed.py --workdir=runs/du2mce --posts=new_posts.jsonl --out=runs/new \\
       [--checkpoint=best] [--text_fields=subject,text] [--image_features=FEATS.npz]
       [--cold_start=fold_in|avg_text|none]
 
