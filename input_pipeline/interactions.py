@@ -69,12 +69,15 @@ class Interactions:
 def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
   """Reads graph.npz and every record into a post table ordered by post row."""
   path = os.path.join(data_dir, records.GRAPH_FILE)
-  if not os.path.exists(path):
+  actions = np.zeros([0, 3], np.int64)
+  if os.path.exists(path):
+    with np.load(path) as g:
+      follows, actions, post_ids = g["follows"], g["actions"], g["post_ids"]
+  if not len(actions):
     raise FileNotFoundError(
-        f"{path} not found: the recommendation models need a follow graph and actions "
-        "(prepare them with launch/prepare_data.py --actions=FILE --follows=FILE)")
-  with np.load(path) as g:
-    follows, actions, post_ids = g["follows"], g["actions"], g["post_ids"]
+        f"{data_dir} has no actions ({records.GRAPH_FILE}): D-Sempre, CDL and AMNL train on "
+        "who acted on which post; prepare the crawl with launch/prepare_data.py "
+        "--actions=actions.jsonl (AMNL also --follows=follows.jsonl)")
   row_of = {pid: i for i, pid in enumerate(post_ids.tolist())}
   image_input = "pixels" if image_key == "image" else "features"
   keys = POST_FIELDS + (image_key, "user", "timestamp")
@@ -91,6 +94,13 @@ def load(data_dir: str, metadata: Mapping, image_key: str) -> Interactions:
   if posts is None or not filled.all():
     raise ValueError(f"{data_dir}: {int((~filled).sum())} posts of graph.npz have no record")
   return Interactions(posts, follows, actions, metadata["num_users"], post_ids)
+
+
+def require_follows(data: Interactions, needs: str) -> None:
+  """ValueError naming --follows when the dataset has no follow edge."""
+  if not len(data.follows):
+    raise ValueError(f"{needs} need the follow graph, and the dataset has none: prepare "
+                     "the crawl with launch/prepare_data.py --follows=follows.jsonl")
 
 
 # ------------------------------------------------------------------ splits --
@@ -163,6 +173,8 @@ class Negatives:
                window_minutes: float = 60.0, images_only: bool = False):
     if kind not in ("time_window", "random", "followee"):
       raise ValueError(f"negatives must be time_window, random or followee, got {kind!r}")
+    if kind == "followee":
+      require_follows(data, "followee negatives (AMNL)")
     self.kind, self.window = kind, window_minutes * 60.0
     self.n = data.num_posts
     acted = data.actions[train_actions]

@@ -27,6 +27,17 @@ post are dropped (both counted), so every user of validation and test exists
 in train. `held_out_authors="any"` lifts that rule (corpora where almost every
 author posts once); the report then counts held-out posts of unseen authors.
 
+New data for a trained model: with `vocab_from` (a prepared dataset) the
+vocabulary is that dataset's (not rebuilt from this crawl), its users keep their
+indices (users new to it are appended after them and counted in the report;
+metadata `num_known_users`, `vocab_from`) and its word vectors are copied into
+word2vec_init.npz (not retrained): its words, its users' initial rows, and for
+the new users the mean vector of their training words (word2vec.user_means,
+the same rule). Its users count as having a training post for the author rule.
+`split_field` names a field whose value (train, validation or test) is the
+post's split, taken as given (no grouping, nothing dropped; other values are
+`bad_split`).
+
 Interests: with `interest_field`, a user's interest labels are the values of
 that field over all their kept posts (every split), one line per user index
 in `interests.txt` (for sempre_jax.analysis.interests).
@@ -75,8 +86,8 @@ EXAMPLES = 5
 MIN_HELD_OUT = 50   # fewer held-out posts or images than this: a warning
 # Problems that drop a post or part of it (fatal with --strict); others are notes.
 ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id",
-          "no_text_no_image", "duplicate_post_id", "corrupt_image", "truncated_image",
-          "image_too_large", "image_outside_corpus", "image_missing",
+          "bad_split", "no_text_no_image", "duplicate_post_id", "corrupt_image",
+          "truncated_image", "image_too_large", "image_outside_corpus", "image_missing",
           "image_features_missing")
 NOTES = ("non_rgb_image", "empty_text_after_cleaning", "nothing_left_after_cleaning",
          "bad_timestamp")
@@ -107,6 +118,8 @@ class Options:
   actions: str | None = None          # JSONL: user_id, post_id[, timestamp, kind]
   follows: str | None = None          # JSONL: user_id, followee_id
   oracle: str | None = None           # the planted truth (oracle.py), copied as oracle.npz
+  vocab_from: str | None = None       # a prepared dataset: its vocabulary, users, word vectors
+  split_field: str | None = None      # a field naming each post's split (no random split)
   max_image_pixels: int = images.MAX_PIXELS
   test_fraction: float = 0.2
   validation_fraction: float = 0.02
@@ -167,7 +180,8 @@ def json_object(line: bytes, line_no: int) -> dict | BadRecord:
 
 
 def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
-  """One JSONL line -> {post_id, user_id, text, image, timestamp, interest} or BadRecord."""
+  """One JSONL line -> {post_id, user_id, text, image, timestamp, interest, split} or
+  BadRecord."""
   post = json_object(line, line_no)
   if isinstance(post, BadRecord):
     return post
@@ -177,6 +191,9 @@ def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
   user = _field(post, options.user_field)
   if user is None:
     return BadRecord("missing_user_id", line_no, post_id)
+  split = _field(post, options.split_field) if options.split_field else None
+  if options.split_field and split not in records.SPLITS:
+    return BadRecord("bad_split", line_no, post_id, str(post.get(options.split_field)))
   raw_text = " ".join(str(post[f]) for f in options.text_fields if post.get(f))
   image = _field(post, options.image_field)
   if not raw_text.strip() and image is None:
@@ -184,7 +201,7 @@ def parse_line(line: bytes, line_no: int, options: Options) -> dict | BadRecord:
   stamp = post.get(options.timestamp_field)   # absent: 0; unreadable: None (noted)
   interest = _field(post, options.interest_field) if options.interest_field else None
   return dict(post_id=post_id, user_id=user, text=raw_text, image=image,
-              timestamp=0 if stamp is None else parse_timestamp(stamp),
+              timestamp=0 if stamp is None else parse_timestamp(stamp), split=split,
               interest=interest and " ".join(interest.split()))   # no tabs or newlines
 
 
@@ -237,7 +254,7 @@ def process_post(post: dict, line_no: int, options: Options, root: str):
   return dict(words=words, image_path=path, image_key=post["image"],
               pixel_hash=pixel_hash, post_id=post["post_id"], user_id=post["user_id"],
               timestamp=post["timestamp"] or 0, interest=post["interest"],
-              line=line_no), issues
+              split=post["split"], line=line_no), issues
 
 
 # --------------------------------------------------------------- pass 1 ------
@@ -265,7 +282,7 @@ def _pass1_chunk(args) -> dict:
       lengths=np.asarray([len(p["words"]) for p in kept], np.int32),
       **{k: [p[k] for p in kept] for k in (
           "post_id", "user_id", "timestamp", "line", "image_path", "image_key",
-          "pixel_hash", "interest")})
+          "pixel_hash", "interest", "split")})
 
 
 def _line_chunks(path: str, chunk_lines: int, options: Options, root: str):
@@ -358,6 +375,7 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       cols["post_id"].append(res["post_id"][i])
       cols["timestamp"].append(res["timestamp"][i])
       cols["line"].append(res["line"][i])
+      cols["split"].append(res["split"][i] or "")
       interest = res["interest"][i]
       cols["interest"].append(-1 if interest is None else
                               interest_index.setdefault(interest, len(interest_index)))
@@ -375,6 +393,7 @@ def scan(posts_path: str, options: Options, root: str, pool: futures.Executor,
       post_id=cols["post_id"], timestamp=np.asarray(cols["timestamp"], np.int64),
       line=np.asarray(cols["line"], np.int64), num_users_seen=len(user_index),
       users=list(user_index), interest=np.asarray(cols["interest"], np.int64),
+      split=np.asarray(cols["split"], object),
       interest_labels=list(interest_index), lines=n_lines)
 
 
@@ -428,8 +447,14 @@ def user_interests(user: np.ndarray, interest: np.ndarray, labels: Sequence[str]
 # ------------------------------------------------------------------ splits ---
 
 def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
-                  options: Options) -> tuple[np.ndarray, dict]:
-  """[N] split name per post ("" = dropped: its user has no training post)."""
+                  options: Options, known: np.ndarray | None = None,
+                  given: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+  """[N] split name per post ("" = dropped: its user has no training post).
+
+  known: [N] bool, the post's author is in the --vocab_from dataset (counts as
+  having a training post); given: [N] split names from --split_field, used as
+  they are (nothing dropped).
+  """
   n = len(groups)
   _, groups = np.unique(groups, return_inverse=True)
   num_groups = int(groups.max(initial=-1)) + 1
@@ -446,14 +471,18 @@ def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
   with_image = np.bincount(groups, weights=image >= 0, minlength=num_groups) > 0
   fractions = {"test": options.test_fraction, "validation": options.validation_fraction}
   assignment = np.full(n, "train", dtype=object)
-  for k, has_image in enumerate((True, False)):   # images first, then text-only posts
-    sel = eligible[groups] & (with_image[groups] == has_image)
+  if given is not None:
+    assignment[:] = given
+  for k, has_image in enumerate((True, False) if given is None else ()):
+    sel = eligible[groups] & (with_image[groups] == has_image)   # images first
     if sel.any():
       assignment[sel] = splits.split_by_group(groups[sel], fractions, options.seed + k)
   in_train = np.zeros(int(user.max(initial=-1)) + 1, bool)
-  in_train[user[assignment == "train"]] = True
-  dropped = (assignment != "train") & ~in_train[user] & (options.held_out_authors != "any")
-  stats = {"groups": num_groups, "groups_with_images": int(with_image.sum()),
+  in_train[user[(assignment == "train") | (False if known is None else known)]] = True
+  dropped = ((assignment != "train") & ~in_train[user] & (options.held_out_authors != "any")
+             & (given is None))
+  stats = {"split_field": options.split_field, "groups": num_groups,
+           "groups_with_images": int(with_image.sum()),
            "groups_kept_in_train_authors_post_nowhere_else": int((~eligible).sum()),
            "posts_in_those_groups": int(size[~eligible].sum()),
            "held_out_authors": options.held_out_authors,
@@ -582,6 +611,34 @@ def _interaction_report(path: str, lines_written: int, issues: _Issues) -> dict:
   return dict(file=os.path.abspath(path), written=lines_written, problems=issues.report())
 
 
+# --------------------------------------------------------------- vocab_from --
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """What a crawl prepared with --vocab_from takes from that dataset."""
+  path: str
+  vocab: list[str]              # token id -> word
+  users: dict[str, int]         # user id -> index (kept by this crawl)
+  words: np.ndarray | None      # [V, dim] word vectors (word2vec_init.npz), or None
+  user_rows: np.ndarray | None  # [U, dim] its users' initial rows
+
+
+def read_reference(path: str) -> Reference:
+  """The vocabulary, users and word vectors of a prepared dataset (PrepareError
+  when it has none)."""
+  vocab = records.read_lines(path, records.VOCAB_FILE)
+  users = records.read_lines(path, records.USERS_FILE)
+  if vocab is None or users is None:
+    raise PrepareError(f"--vocab_from: {path} is not a prepared dataset (no "
+                       f"{records.VOCAB_FILE} and {records.USERS_FILE})")
+  words = rows = None
+  if os.path.exists(os.path.join(path, word2vec.INIT_FILE)):
+    with np.load(os.path.join(path, word2vec.INIT_FILE)) as z:
+      words, rows = z["words"], z["users"]
+  return Reference(os.path.abspath(path), vocab, {u: i for i, u in enumerate(users)},
+                   words, rows)
+
+
 # ------------------------------------------------------------------ checks -----
 
 def check_inputs(posts_path: str, options: Options) -> None:
@@ -622,10 +679,14 @@ def check_inputs(posts_path: str, options: Options) -> None:
       oracle.read_truth(options.oracle)
     except ValueError as e:
       raise PrepareError(f"--oracle: {e}") from None
+  if options.vocab_from:
+    read_reference(options.vocab_from)
 
 
 # The flag to look at when every line of a crawl fails for a reason.
 _HINTS = {
+    "bad_split": "have no value train, validation or test in the field {o.split_field!r} "
+                 "(set --split_field)",
     "invalid_utf8": "are not UTF-8",
     "malformed_json": "are not a JSON object (--posts takes one JSON object a line)",
     "missing_post_id": "have no field {o.id_field!r} (set --id_field)",
@@ -661,10 +722,12 @@ def split_warnings(posts_per_split: Mapping[str, int], images_per_split: Mapping
   for split, fraction in (("validation", options.validation_fraction),
                           ("test", options.test_fraction)):
     posts, imgs = posts_per_split[split], images_per_split[split]
-    if fraction > 0 and (posts < MIN_HELD_OUT or (num_images and imgs < MIN_HELD_OUT)):
+    wanted = posts > 0 if options.split_field else fraction > 0
+    if wanted and (posts < MIN_HELD_OUT or (num_images and imgs < MIN_HELD_OUT)):
       out.append(f"the {split} split has {posts} posts and {imgs} images, too few to "
-                 f"measure retrieval (< {MIN_HELD_OUT}): raise --{split}_fraction or "
-                 "bring more posts")
+                 f"measure retrieval (< {MIN_HELD_OUT}): "
+                 + ("" if options.split_field else f"raise --{split}_fraction or ")
+                 + "bring more posts")
   return out
 
 
@@ -713,35 +776,47 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
     set_of_post, sets = dedup.word_sets(indptr, posts["word_ids"], len(posts["words"]))
     pairs, dup_stats = dedup.near_duplicate_pairs(sets, options.near_dup_threshold)
     groups = dedup.group_posts(image, set_of_post, sets.shape[0], pairs)
+    reference = read_reference(options.vocab_from) if options.vocab_from else None
+    known = None if reference is None else np.array(
+        [u in reference.users for u in posts["users"]], bool)[posts["user"]]
     idx = np.flatnonzero(alive)
     assignment = np.full(len(image), "", dtype=object)
-    assignment[idx], split_stats = assign_splits(groups[idx], image[idx],
-                                                 posts["user"][idx], options)
+    assignment[idx], split_stats = assign_splits(
+        groups[idx], image[idx], posts["user"][idx], options,
+        known=None if known is None else known[idx],
+        given=posts["split"][idx] if options.split_field else None)
     kept = assignment != ""
 
-    # Vocabulary from the training texts, then token ids.
+    # Vocabulary from the training texts (or --vocab_from's), then token ids.
     token_post = np.repeat(np.arange(len(lengths)), lengths)
     is_train = assignment == "train"
-    counts = np.bincount(posts["word_ids"][is_train[token_post]],
-                         minlength=len(posts["words"]))
-    vocab = text.build_vocab({posts["words"][i]: int(c) for i, c in enumerate(counts) if c},
-                             options.min_count)
-    if len(vocab) == 2 and counts.any():
-      raise PrepareError(
-          f"no word occurs --min_count={options.min_count} times in the training texts "
-          f"({int((counts > 0).sum())} distinct words, the commonest {int(counts.max())} "
-          "times): lower --min_count or bring more posts")
-    to_vocab = np.full(len(posts["words"]), records.UNK_ID, np.int32)
-    index = {w: i for i, w in enumerate(posts["words"])}
-    to_vocab[[index[w] for w in vocab[2:]]] = np.arange(2, len(vocab))
+    if reference is None:
+      counts = np.bincount(posts["word_ids"][is_train[token_post]],
+                           minlength=len(posts["words"]))
+      vocab = text.build_vocab({posts["words"][i]: int(c) for i, c in enumerate(counts) if c},
+                               options.min_count)
+      if len(vocab) == 2 and counts.any():
+        raise PrepareError(
+            f"no word occurs --min_count={options.min_count} times in the training texts "
+            f"({int((counts > 0).sum())} distinct words, the commonest {int(counts.max())} "
+            "times): lower --min_count or bring more posts")
+    else:
+      vocab = reference.vocab
+    vocab_index = {w: i for i, w in enumerate(vocab[2:], 2)}
+    to_vocab = np.array([vocab_index.get(w, records.UNK_ID) for w in posts["words"]],
+                        np.int32).reshape(-1)
     tokens = to_vocab[posts["word_ids"]]
 
-    # Users: those of the kept posts (densely re-indexed), then those who only
-    # act or follow.
-    user_ids, user = np.unique(posts["user"][kept], return_inverse=True)
+    # Users: --vocab_from's (each keeps its index), then those of the kept posts
+    # (in order of appearance), then those who only act or follow.
+    user_ids = np.unique(posts["user"][kept])
+    users = dict(reference.users) if reference else {}
+    for u in user_ids:
+      users.setdefault(posts["users"][u], len(users))
     user_of = np.full(posts["num_users_seen"], -1, np.int64)
-    user_of[user_ids] = np.arange(len(user_ids))
-    users = {posts["users"][u]: i for i, u in enumerate(user_ids)}
+    user_of[user_ids] = [users[posts["users"][u]] for u in user_ids]
+    user = user_of[posts["user"][kept]]
+    users_from_posts = len(users)
     written = np.flatnonzero(kept)
     post_ids = np.array(posts["post_id"], dtype=object)
     graph, interactions = {}, {}
@@ -772,7 +847,16 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
                        users_with_interests=sum(map(bool, per_user)))
 
     notes = []
-    if options.word2vec_dim and len(vocab) > 2:
+    if reference is not None and reference.words is not None:
+      train_tok = is_train[token_post]
+      means = word2vec.user_means(reference.words, user_of[posts["user"][token_post[train_tok]]],
+                                  tokens[train_tok], num_users)
+      means[:len(reference.users)] = reference.user_rows
+      records.save_npz(os.path.join(out_dir, word2vec.INIT_FILE), words=reference.words,
+                       users=means)
+    elif reference is not None:
+      notes.append(f"--vocab_from has no {word2vec.INIT_FILE}: none written")
+    elif options.word2vec_dim and len(vocab) > 2:
       t_w2v = time.time()
       train_posts = np.flatnonzero(is_train)
       model = word2vec.train(
@@ -834,6 +918,8 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
   metadata = dict(
       source="prepared", posts=os.path.abspath(posts_path), num_users=num_users,
       users_with_posts=len(user_ids), vocab_size=len(vocab), max_len=records.MAX_LEN,
+      **({} if reference is None else dict(vocab_from=reference.path,
+                                           num_known_users=len(reference.users))),
       feature_dim=feature_dim,
       image_size=options.image_size if len(image_ids) > without_pixels else 0,
       num_images=len(image_ids), splits=split_meta)
@@ -852,7 +938,7 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
       seconds=round(time.time() - t0, 1),
       posts_valid=int(alive.sum()), posts_written=int(kept.sum()),
       posts_per_split=posts_in, unique_images_per_split=images_in,
-      users=num_users, users_without_posts=num_users - len(user_ids),
+      users=num_users, users_without_posts=num_users - users_from_posts,
       vocab_size=len(vocab), num_images=len(image_ids),
       images_without_pixels=int(without_pixels), feature_dim=feature_dim,
       image_size=metadata["image_size"],
@@ -864,6 +950,11 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
           posts_repeating_an_earlier_word_set=int((set_of_post >= 0).sum() - sets.shape[0]),
           **dup_stats),
       splits=split_stats, interests=interests, problems=issues.report(),
+      vocab_from=reference and dict(
+          dir=reference.path, known_users=len(reference.users),
+          known_users_with_posts=int(np.sum(user_of[user_ids] < len(reference.users))),
+          new_users=num_users - len(reference.users),
+          posts_by_new_users=int(np.sum(user >= len(reference.users)))),
       **interactions, oracle=options.oracle and os.path.abspath(options.oracle),
       warnings=split_warnings(posts_in, images_in, len(image_ids), options), notes=notes)
   with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
@@ -894,6 +985,10 @@ def summary(report: dict) -> str:
       f"  problems: {listed(report['problems'])}",
       *[f"  {kind}: {r['written']} written; problems: {listed(r['problems'])}"
         for kind in ("actions", "follows") if (r := report.get(kind))],
+      *([f"  vocabulary, users and word vectors of {r['dir']}: {r['new_users']} users new to "
+         f"its {r['known_users']} (appended after them; {r['posts_by_new_users']} posts), "
+         f"{r['known_users_with_posts']} of its users post here"]
+        if (r := report.get("vocab_from")) else []),
       *([f"  planted truth: {report['oracle']}"] if report.get("oracle") else []),
       *[f"  warning: {w}" for w in report["warnings"]],
       *[f"  note: {n}" for n in report["notes"]]])

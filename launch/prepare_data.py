@@ -2,6 +2,7 @@
 
   python launch/prepare_data.py --posts=posts.jsonl --out=DATA [--text_fields=subject,text]
       [--interest_field=group] [--actions=actions.jsonl --follows=follows.jsonl]
+      [--vocab_from=TRAINED_DATA] [--split_field=split]
   python launch/train.py --config=configs/du2mce.py --config.data.dir=DATA \
       --config.model.image_input=pixels
 """
@@ -35,6 +36,10 @@ flags.DEFINE_string("follows", None, "The follow graph, one JSON object a line: 
                     "followee_id (written to graph.npz).")
 flags.DEFINE_string("oracle", None, "A planted-truth file (input_pipeline/oracle.py), "
                     "copied into the dataset for the evaluators' oracle.")
+flags.DEFINE_string("vocab_from", None, "A prepared dataset (e.g. a trained model's): its "
+                    "vocabulary, user indices and word vectors are reused, not rebuilt.")
+flags.DEFINE_string("split_field", None, "Field naming each post's split (train, validation, "
+                    "test), used instead of a random split.")
 flags.DEFINE_integer("max_image_pixels", _D.max_image_pixels, "Larger images are refused.")
 flags.DEFINE_float("test_fraction", _D.test_fraction, "Fraction of groups held out for test.")
 flags.DEFINE_float("validation_fraction", _D.validation_fraction, "... for validation.")

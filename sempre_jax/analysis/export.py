@@ -143,8 +143,12 @@ def write_projector(out_dir: str, parts: Mapping[str, tuple]) -> None:
 
 def export_embeddings(space: space_lib.Space, out_dir: str, *, process: int = 0,
                       count: int = 1, shard_rows: int = 1_000_000,
-                      projector_rows: int = 10_000) -> dict:
-  """Writes this process's part of every modality; returns {name: rows written}."""
+                      projector_rows: int = 10_000, users: np.ndarray | None = None,
+                      manifest: Mapping | None = None) -> dict:
+  """Writes this process's part of every modality; returns {name: rows written}.
+
+  users: the user indices to write (default: every user); manifest: entries
+  added to (or replacing those of) export.json."""
   if shard_rows < 1:
     raise ValueError(f"shard_rows must be positive, got {shard_rows}")
   os.makedirs(out_dir, exist_ok=True)
@@ -153,10 +157,10 @@ def export_embeddings(space: space_lib.Space, out_dir: str, *, process: int = 0,
                               count=count, shard_rows=shard_rows, keep_rows=keep)
              for name in HEADERS}
   names = space.user_names
-  num_users = space.metadata["num_users"]
-  for start in range(process, num_users, count * shard_rows):
-    users = np.arange(start, min(num_users, start + count * shard_rows), count)
-    writers["users"].add(space.users(users), [(u, names[u]) for u in users])
+  users = np.arange(space.metadata["num_users"]) if users is None else np.asarray(users)
+  for start in range(process, len(users), count * shard_rows):
+    part = users[start:start + count * shard_rows:count]
+    writers["users"].add(space.users(part), [(u, names[u]) for u in part])
   for posts in space.posts(process=process, count=count, label="export"):
     writers["texts"].add(posts.texts, [
         (p, names[u], posts.split)
@@ -169,5 +173,6 @@ def export_embeddings(space: space_lib.Space, out_dir: str, *, process: int = 0,
     write_projector(out_dir, {n: w.projector_part() for n, w in writers.items()})
     with open(os.path.join(out_dir, MANIFEST_FILE), "w") as f:
       json.dump({"step": space.step, "data_dir": os.path.abspath(space.data_dir),
-                 "processes": count, "shard_rows": shard_rows}, f, indent=1)
+                 "processes": count, "shard_rows": shard_rows, **(manifest or {})}, f,
+                indent=1)
   return counts

@@ -67,9 +67,8 @@ class Space:
     if exp.model_def.DATA != "posts":
       raise ValueError(f"{workdir} holds a {exp.config.model.name} model; this tool needs "
                        "a model of posts (DU2MCE)")
-    batch_size = max([e.get("batch_size", 0) for e in exp.config.evals.values()] or [1000])
     return cls(exp.module, variables["params"], exp.data_dir, exp.metadata,
-               batch_size=batch_size, step=step)
+               batch_size=eval_batch_size(exp.config), step=step)
 
   @property
   def has_images(self) -> bool:
@@ -145,6 +144,11 @@ class Space:
       for reader in readers.values():
         reader.close()
     return out
+
+
+def eval_batch_size(config) -> int:
+  """Posts embedded per call: the largest of the config's evaluators."""
+  return max([e.get("batch_size", 0) for e in config.evals.values()] or [1000])
 
 
 class TopK:

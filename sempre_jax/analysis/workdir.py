@@ -6,8 +6,6 @@ the run's Experiment (model, data, evaluators) around a checkpoint's
 variables; `evaluate` re-runs the config's final evaluators on it.
 """
 
-import os
-
 import jax
 import ml_collections
 
@@ -43,15 +41,15 @@ def run_evaluator(workdir: str, checkpoint: str, block: dict) -> tuple:
 
 def evaluate(workdir: str, checkpoint: str = "best") -> dict:
   """Re-runs the final evaluators (every_steps 0) of a workdir's config on a
-  checkpoint; writes WORKDIR/eval_<name>_stepN.json and returns {name: results}."""
+  checkpoint; writes WORKDIR/eval_<name>_stepN.json (once every evaluator has
+  run: a failure writes nothing) and returns {name: results}."""
   exp, variables, step = restore(workdir, checkpoint)
   if jax.process_index() == 0:
     print(f"Evaluating the checkpoint at step {step} of {workdir}", flush=True)
   mesh = mesh_lib.make_mesh(exp.config.get("num_devices"))
-  out = {}
-  for name, evaluator in exp.evaluators(mesh).items():
-    if exp.config.evals[name].every_steps:
-      continue
-    out[name] = evaluator.run(variables)
+  evaluators = {name: e for name, e in exp.evaluators(mesh).items()
+                if not exp.config.evals[name].every_steps}
+  out = {name: evaluator.run(variables) for name, evaluator in evaluators.items()}
+  for name, evaluator in evaluators.items():
     train.report(name, evaluator, out[name], workdir, suffix=f"_step{step}")
   return out

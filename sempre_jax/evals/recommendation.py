@@ -47,6 +47,8 @@ def candidate_lists(data: interactions.Interactions, splits: Mapping[str, np.nda
   """(user, post, label) triples, grouped by user: {"user", "post", "label"} [n]."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"eval.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  if protocol == "followees":
+    interactions.require_follows(data, "the followees protocol (AMNL's evaluation)")
   rng = np.random.default_rng(seed)
   n = data.num_posts
   held = data.actions[splits[split]]
