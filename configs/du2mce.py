@@ -14,6 +14,8 @@ A variant after the colon selects a row of the paper's Tables 2 and 4:
                           the text and user towers frozen (half the epochs each)
   avg_text, avg_image     users as the mean of their training posts' text (image)
                           embeddings, of a model trained on image-text only
+  both                    every pair, each term's hinge in both directions (VSE++),
+                          not the paper's one-directional Eq. 4 (docs/evaluation.md)
 """
 
 import ml_collections
@@ -45,6 +47,7 @@ VARIANTS = {
                  "evals.test.user_vectors": "avg_text"},
     "avg_image": {"loss.l1": 0.0, "loss.l2": 1.0, "evals.val.user_vectors": "avg_image",
                   "evals.test.user_vectors": "avg_image"},
+    "both": {"loss.directions": "both"},
 }
 
 
