@@ -9,8 +9,11 @@ are replicated, so `jax.grad` of the local loss share already returns the
 psum of the per-device gradients: the gradient of the global-batch loss,
 identical to one device on the same batch.
 
-The loop never reads from the devices between log points: batches are parsed
-and sharded onto the mesh ahead of time (a background prefetch of depth 2);
+The loop never reads from the devices between log points: batches (a posts
+batch is its records' rows, ~100 bytes a post) are sharded onto the mesh
+ahead of time (a background prefetch of depth 2) and completed inside the
+step (the frozen image inputs gathered by image id from tables placed on the
+mesh once, sempre_jax/data.py);
 metrics are summed on the devices and read every `log_every_steps`; a step
 whose loss or gradient is not finite changes nothing and raises a flag that
 the host reads at the next log or checkpoint step, where training stops
@@ -109,18 +112,25 @@ def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> 
 
 # =================================================================== step ===
 
-def make_train_step(loss_fn, mesh: Mesh, seed: int = 0):
-  """(jit(shard_map(step)), zero_sums): step(state, sums, global batch) -> (state, sums).
+def make_train_step(loss_fn, mesh: Mesh, seed: int = 0, feed=None):
+  """(step, zero_sums): step(state, sums, global batch) -> (state, sums), a
+  jit(shard_map) over the mesh.
 
   loss_fn(variables, local batch, rng) -> (this device's share of the global
   loss, psum'ed metrics, model-state updates); the dropout rng differs per
-  step and device. `sums` accumulates the metrics of the finite steps, their
-  count ("steps") and the first non-finite step ("first_bad", -1: none); a
-  non-finite step leaves parameters, optimizer and model state unchanged.
+  step and device. `feed` (sempre_jax/data.Feed; None: batches are the
+  model's) completes each device's batch inside the step from the tables it
+  placed on the mesh, which every call passes to the compiled step. `sums`
+  accumulates the metrics of the finite steps, their count ("steps") and the
+  first non-finite step ("first_bad", -1: none); a non-finite step leaves
+  parameters, optimizer and model state unchanged.
   zero_sums(state, global batch) -> the sums of no step, on the mesh.
   """
+  tables, specs = (feed.tables, feed.specs) if feed else ({}, {})
 
-  def per_device(state, batch):
+  def per_device(state, batch, tables):
+    if feed:
+      batch = feed.inputs(batch, tables)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
                              jax.lax.axis_index(mesh_lib.AXIS))
 
@@ -140,25 +150,26 @@ def make_train_step(loss_fn, mesh: Mesh, seed: int = 0):
         model_state=keep({**state.model_state, **updates}, state.model_state))
     return new, metrics, finite
 
-  def step(state, sums, batch):
-    new, metrics, finite = per_device(state, batch)
+  def step(state, sums, batch, tables):
+    new, metrics, finite = per_device(state, batch, tables)
     sums = {k: sums[k] + jnp.where(finite, metrics[k], 0) for k in metrics} | {
         "steps": sums["steps"] + finite.astype(jnp.int32),
         "first_bad": jnp.where((sums["first_bad"] < 0) & ~finite, new.step, sums["first_bad"])}
     return new, sums
 
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(mesh_lib.AXIS)),
-                          out_specs=(P(), P()))
+  in_specs = (P(), P(), P(mesh_lib.AXIS), specs)
+  compiled = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P())),
+                     donate_argnums=0)
 
   def zero_sums(state, batch):
     metrics = jax.eval_shape(jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)), out_specs=(P(), P(), P())),
-        state, batch)[1]
+        per_device, mesh=mesh, in_specs=in_specs[:1] + in_specs[2:],
+        out_specs=(P(), P(), P())), state, batch, tables)[1]
     zeros = {k: np.zeros(m.shape, m.dtype) for k, m in metrics.items()}
     zeros.update(steps=np.int32(0), first_bad=np.int32(-1))
     return mesh_lib.put_global(mesh, zeros)
 
-  return jax.jit(sharded, donate_argnums=0), zero_sums
+  return (lambda state, sums, batch: compiled(state, sums, batch, tables)), zero_sums
 
 
 # ================================================================ metrics ===
@@ -305,10 +316,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   total_steps = stages[-1].end_step
   evaluators = exp.evaluators(mesh)      # errors stop the run before training
   dataset = exp.data.train_dataset(config.batch_size // n_proc, jax.process_index(), n_proc)
+  feed = exp.data.feed(mesh)
   data_iter = device_batches(dataset, mesh)
   fresh_position = data_iter.get_state()
   first = next(data_iter)
-  example = jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first)
+  example = exp.data.host_inputs(
+      jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first))
   variables = exp.init_variables(jax.random.key(config.seed), example)
   stage_of = lambda step: next((i for i, s in enumerate(stages) if step <= s.end_step),
                                len(stages) - 1)
@@ -325,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints)
   start = ckpts.latest_step() or 0
   state = state_for(stages[stage_of(max(start, 1))], variables)
-  steps, zero_sums = zip(*[make_train_step(exp.loss_fn(s), mesh, config.seed)
+  steps, zero_sums = zip(*[make_train_step(exp.loss_fn(s), mesh, config.seed, feed)
                            for s in stages])
   zeros = zero_sums[0](state, first)     # the metric sums of no step
   if start:
