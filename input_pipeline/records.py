@@ -49,7 +49,7 @@ from PIL import Image
 MAX_LEN = 20
 PAD_ID = 0
 UNK_ID = 1
-BLOCK_POSTS = 256              # posts per record (prepare's --block_posts)
+BLOCK_POSTS = 1024             # posts per record (prepare's --block_posts)
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
 USERS_FILE = "users.txt"       # original id of each user index, one a line

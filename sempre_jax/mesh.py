@@ -30,8 +30,11 @@ def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
 
 
 def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
-  """This process's part of the batch -> global arrays split over the data axis."""
+  """This process's part of the batch -> global arrays split over the data axis
+  (one process: the whole batch in one device_put, ~2x less host time)."""
   sharding = NamedSharding(mesh, P(AXIS))
+  if jax.process_count() == 1:
+    return jax.device_put(dict(local_batch), sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), dict(local_batch))
 
