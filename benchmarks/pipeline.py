@@ -8,7 +8,7 @@ the posts with an image; their 2048-d float32 features go to the image table,
 not the records) in blocks of records.BLOCK_POSTS, places the feature table on
 this process's devices once (timed), then for each batch size times
   iterator  loader.train_dataset's batches on the host (read, CRC, shuffle);
-  to device the training loop's feed, train.device_batches: the same batches
+  to device the training loop's feed, train.DeviceBatches: the same batches
             sharded over the mesh by the background prefetch, each made ready
             (block_until_ready) before the next is taken.
 A paper-size DU2MCE step costs 0.141 GFLOP a post (forward + backward), so an
@@ -90,7 +90,7 @@ def main(argv):
     for b in map(int, FLAGS.batch_sizes):
       dataset = loader.train_dataset(d, meta, batch_size=b, seed=0)
       host = rate(iter(dataset), b, FLAGS.seconds)
-      fed = train.device_batches(dataset, mesh)
+      fed = train.DeviceBatches(dataset, mesh)
       device = rate(fed, b, FLAGS.seconds, jax.block_until_ready)
       fed.close()
       out.append({"batch_size": b, "iterator_posts_per_s": round(host),
