@@ -62,6 +62,8 @@ def get_config(variant: str = "all") -> ml_collections.ConfigDict:
   config.data.dir = ml_collections.config_dict.placeholder(str)  # None: embedded corpus
   config.data.num_shards = 4        # embedded corpus: shards per split
   config.data.split_fractions = {"test": 0.2, "validation": 0.02}
+  config.data.streams = 0           # shuffled streams of train blocks (0: one per process)
+  config.data.replicated_table_mib = 2048   # larger image tables split over the devices
   config.data.embedded = {           # input_pipeline.synthetic.CorpusSpec
       "num_users": 500, "num_topics": 64, "posts_per_user": 40.0,
       "image_fraction": 0.5, "reshare_prob": 0.1, "feature_dim": 2048,

@@ -9,7 +9,7 @@ line it prints, prepares it into `root/data`:
       --actions=ROOT/crawl/actions.jsonl --follows=ROOT/crawl/follows.jsonl \
       --image_features=ROOT/crawl/image_features.npz --oracle=ROOT/crawl/oracle.npz \
       --interest_field=topic --test_fraction=F --validation_fraction=F \
-      --num_shards=N --word2vec_dim=D --seed=S [--image_size=S]
+      --num_shards=N --word2vec_dim=D --seed=S [--image_size=S] [--block_posts=B]
 
 Each step is skipped when its output is complete (a crawl is written to a
 temporary folder, then renamed; a dataset is complete when it has its
@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Mapping
 
-from input_pipeline import oracle, prepare, synthetic
+from input_pipeline import oracle, prepare, records, synthetic
 
 CRAWL_DIR = "crawl"
 DATA_DIR = "data"
@@ -34,7 +34,8 @@ SETTINGS_FILE = "embedded.json"
 
 
 def prepare_flags(root: str, spec: synthetic.CorpusSpec, split_fractions: Mapping[str, float],
-                  num_shards: int, word2vec_dim: int, seed: int) -> dict:
+                  num_shards: int, word2vec_dim: int, seed: int,
+                  block_posts: int = records.BLOCK_POSTS) -> dict:
   """The flags of launch/prepare_data.py that prepare root/crawl into root/data."""
   unknown = set(split_fractions) - {"test", "validation"}
   if unknown:
@@ -52,6 +53,8 @@ def prepare_flags(root: str, spec: synthetic.CorpusSpec, split_fractions: Mappin
       num_shards=int(num_shards), word2vec_dim=int(word2vec_dim), seed=int(seed))
   if spec.image_size:
     flags["image_size"] = spec.image_size
+  if block_posts != records.BLOCK_POSTS:
+    flags["block_posts"] = int(block_posts)
   return flags
 
 
@@ -62,7 +65,8 @@ def command_line(flags: Mapping) -> str:
 
 
 def ensure(spec: Mapping, split_fractions: Mapping[str, float], num_shards: int,
-           word2vec_dim: int, seed: int, root: str, log=print) -> str:
+           word2vec_dim: int, seed: int, root: str, log=print,
+           block_posts: int = records.BLOCK_POSTS) -> str:
   """The embedded corpus of `spec` (synthetic.CorpusSpec fields) prepared in
   root/data, written (crawl, then data) unless already there; returns root/data.
 
@@ -74,7 +78,8 @@ def ensure(spec: Mapping, split_fractions: Mapping[str, float], num_shards: int,
     raise ValueError(f"the embedded corpus has no setting {sorted(set(spec) - fields)}; "
                      f"it has {sorted(fields)}")
   spec = synthetic.CorpusSpec(**spec)
-  flags = prepare_flags(root, spec, split_fractions, num_shards, word2vec_dim, seed)
+  flags = prepare_flags(root, spec, split_fractions, num_shards, word2vec_dim, seed,
+                        block_posts)
   _claim(root, {"spec": dataclasses.asdict(spec),
                 "prepare": {k: v for k, v in flags.items() if k not in ("posts", "out")}})
   crawl, data = os.path.dirname(flags["posts"]), flags["out"]

@@ -5,7 +5,7 @@ only; `..`, absolute paths and symlinks leading outside are refused).
 `load_image` decodes with PIL under a pixel limit (decompression bombs are
 refused before decoding), converts any mode to RGB, hashes the decoded pixels
 (identical images in other files or formats share the hash) and returns the
-image resized and center-cropped to `size` x `size`, PNG-encoded.
+image resized and center-cropped to `size` x `size`.
 """
 
 import dataclasses
@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from input_pipeline import records
 
 MAX_PIXELS = 40_000_000
 
@@ -32,9 +31,9 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoadedImage:
-  encoded: bytes     # PNG of the RGB image, size x size
-  pixel_hash: bytes  # 16-byte BLAKE2b of the decoded RGB pixels and their shape
-  mode: str          # the file's PIL mode before conversion ("RGB" needs none)
+  pixels: np.ndarray  # uint8 [size, size, 3], RGB
+  pixel_hash: bytes   # 16-byte BLAKE2b of the decoded RGB pixels and their shape
+  mode: str           # the file's PIL mode before conversion ("RGB" needs none)
 
 
 def resolve(root: str, path: str) -> str:
@@ -73,4 +72,4 @@ def load_image(path: str, size: int, max_pixels: int = MAX_PIXELS) -> LoadedImag
     raise ImageError(reason, str(e)) from None
   pixel_hash = hashlib.blake2b(rgb.tobytes() + f"{rgb.size}".encode(), digest_size=16)
   small = ImageOps.fit(rgb, (size, size), Image.BILINEAR)
-  return LoadedImage(records.encode_png(np.asarray(small, np.uint8)), pixel_hash.digest(), mode)
+  return LoadedImage(np.asarray(small, np.uint8), pixel_hash.digest(), mode)

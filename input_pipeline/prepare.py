@@ -3,10 +3,12 @@
 Two streaming passes over the posts, spread over processes (chunks of lines):
   1. parse each line, clean its text, resolve/decode/hash its image, and keep
      only small per-post metadata (ids, word ids, image index) in NumPy arrays;
-  2. (after deduplication, grouping, splitting and the vocabulary) re-read the
-     images from disk and write the records of each split, shard by shard.
-Nothing holds all images or decoded pixels: an image is decoded once per
-worker while it stays in a small cache. An image file that is absent but has
+  2. (after deduplication, grouping, splitting and the vocabulary) write the
+     image tables, row = image id (features from `image_features`, pixels
+     re-read from disk into a memory-mapped file), then the records of each
+     split in blocks of `block_posts` posts (records.py).
+Nothing holds all images or decoded pixels in memory: an image is decoded
+once per worker while it stays in a small cache. An image file that is absent but has
 a vector in `image_features` (a crawl of features only) is an image without
 pixels, identified by its name.
 
@@ -129,6 +131,7 @@ class Options:
   min_count: int = 5
   near_dup_threshold: float = 0.8
   num_shards: int = 4
+  block_posts: int = records.BLOCK_POSTS   # posts per record
   word2vec_dim: int = 300             # 0: no word2vec initialisation
   word2vec_epochs: int = 5
   seed: int = 0
@@ -497,19 +500,20 @@ def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
 
 # ---------------------------------------------------------------- pass 2 -----
 
-def _pass2_chunk(args) -> list[bytes]:
-  """Post columns of one chunk -> serialized records (images re-read from disk)."""
-  posts, options = args
-  out = []
-  for post in posts:
-    if post["image_path"] is not None:
-      loaded = _cached_image(post["image_path"], options.image_size,
-                             options.max_image_pixels)
-      post["image_encoded"] = loaded.encoded
-    if post["feature_key"] is not None:
-      post["image_features"] = _features_file(options.image_features)[post["feature_key"]]
-    out.append(records.serialize(post))
+def _pixels_chunk(args) -> np.ndarray:
+  """Image paths (None: an image of features only) -> uint8 [n, S, S, 3] (zeros
+  for None), re-read from disk."""
+  paths, options = args
+  out = np.zeros([len(paths), options.image_size, options.image_size, 3], np.uint8)
+  for i, path in enumerate(paths):
+    if path is not None:
+      out[i] = _cached_image(path, options.image_size, options.max_image_pixels).pixels
   return out
+
+
+def _table(out_dir: str, key: str, shape: tuple, dtype) -> np.ndarray:
+  """A new image table file of the dataset, memory-mapped for writing."""
+  return np.lib.format.open_memmap(records.table_path(out_dir, key), "w+", dtype, shape)
 
 
 class _Sentences:
@@ -657,8 +661,10 @@ def check_inputs(posts_path: str, options: Options) -> None:
   if options.held_out_authors not in ("in_train", "any"):
     raise PrepareError(f"--held_out_authors must be in_train or any, "
                        f"got {options.held_out_authors!r}")
-  if options.num_shards < 1 or options.min_count < 1 or options.word2vec_dim < 0:
-    raise PrepareError("--num_shards and --min_count must be >= 1, --word2vec_dim >= 0")
+  if min(options.num_shards, options.min_count, options.block_posts) < 1 \
+      or options.word2vec_dim < 0:
+    raise PrepareError("--num_shards, --min_count and --block_posts must be >= 1, "
+                       "--word2vec_dim >= 0")
   if options.image_encoder != "none":
     from input_pipeline.cnn import features   # JAX and Flax only when asked for
     try:
@@ -873,36 +879,47 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
     elif options.word2vec_dim:
       notes.append(f"no training text: no {word2vec.INIT_FILE}")
 
-    # Pass 2: the records of each split.
+    # Pass 2: the image tables (row = image id), then the records of each split.
     image_ids = np.unique(image[kept & (image >= 0)])
     image_of = np.full(len(posts["image_paths"]) + 1, -1, np.int64)
     image_of[image_ids] = np.arange(len(image_ids))
-    fkey = (lambda i: fkeys[image[i]]) if options.image_features else (lambda i: None)
+    paths = [posts["image_paths"][j] for j in image_ids]
+    without_pixels = sum(p is None for p in paths)
+    image_size = options.image_size if len(image_ids) > without_pixels else 0
+    if feature_dim and len(image_ids):
+      table = _table(out_dir, "image_features", (len(image_ids), feature_dim), np.float32)
+      for row, j in enumerate(image_ids):
+        table[row] = _features_file(options.image_features)[fkeys[j]]
+      table.flush()
+    if image_size:
+      table = _table(out_dir, "image", (len(image_ids), image_size, image_size, 3), np.uint8)
+      bar = progress.bar(len(paths), "pass 2 (image pixels)", "images", delay=2)
+      step = options.chunk_lines
+      chunks = (((paths[s:s + step], options), s) for s in range(0, len(paths), step))
+      for pixels, s in ordered_map(pool, _pixels_chunk, chunks, 2 * pool._max_workers):
+        table[s:s + len(pixels)] = pixels
+        bar.update(len(pixels))
+      table.flush()
+      bar.close()
+
+    lengths_kept = np.minimum(lengths, records.MAX_LEN)[:, None]
+    token_or_pad = np.append(tokens, records.PAD_ID)     # index -1: padding
     def chunks(members):
       for s in range(0, len(members), options.chunk_lines):
-        batch = []
-        for i in members[s:s + options.chunk_lines]:
-          img = image[i]
-          batch.append(dict(
-              post_id=posts["post_id"][i], user=int(user_of[posts["user"][i]]),
-              tokens=tokens[indptr[i]:indptr[i + 1]][:records.MAX_LEN],
-              image_id=int(image_of[img]) if img >= 0 else -1,
-              image_path=posts["image_paths"][img] if img >= 0 else None,
-              feature_key=fkey(i) if img >= 0 else None,
-              timestamp=int(posts["timestamp"][i])))
-        yield (batch, options), min(s + options.chunk_lines, len(members))
+        m = members[s:s + options.chunk_lines]
+        at = np.arange(records.MAX_LEN)
+        yield records.post_rows(
+            user_of[posts["user"][m]], image_of[image[m]], posts["timestamp"][m],
+            token_or_pad[np.where(at < lengths_kept[m], indptr[m][:, None] + at, -1)]), \
+            [posts["post_id"][i] for i in m]
+        bar.update(len(m))
 
     split_meta, bar = {}, progress.bar(int(kept.sum()), "pass 2 (write shards)", "posts",
                                        delay=2)
     for split in records.SPLITS:
-      members = np.flatnonzero(assignment == split)
-      def payloads():
-        for batch, _ in ordered_map(pool, _pass2_chunk, chunks(members),
-                                    2 * pool._max_workers):
-          yield from batch
-          bar.update(len(batch))
-      split_meta[split] = records.write_payloads(out_dir, split, payloads(),
-                                                 options.num_shards)
+      split_meta[split] = records.write_split(
+          out_dir, split, chunks(np.flatnonzero(assignment == split)), options.num_shards,
+          options.block_posts)
     bar.close()
 
   if graph:
@@ -914,14 +931,13 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
         post_ids=np.array(post_ids[written].tolist(), str))
   if options.oracle:
     shutil.copyfile(options.oracle, os.path.join(out_dir, oracle.ORACLE_FILE))
-  without_pixels = sum(posts["image_paths"][j] is None for j in image_ids)
   metadata = dict(
       source="prepared", posts=os.path.abspath(posts_path), num_users=num_users,
       users_with_posts=len(user_ids), vocab_size=len(vocab), max_len=records.MAX_LEN,
       **({} if reference is None else dict(vocab_from=reference.path,
                                            num_known_users=len(reference.users))),
       feature_dim=feature_dim,
-      image_size=options.image_size if len(image_ids) > without_pixels else 0,
+      image_size=image_size,
       num_images=len(image_ids), splits=split_meta)
   records.write_metadata(out_dir, metadata)
   images_in = {s: int(len(np.unique(image[(assignment == s) & (image >= 0)])))

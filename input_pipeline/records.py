@@ -1,23 +1,36 @@
-"""What is one training record on disk, and how is it read back safely?
+"""What is a split on disk, and how is it read back safely?
 
-One post = one `tf.train.Example` (built and read with tfds's generated proto: no
-TensorFlow needed). Records are framed as TFRecord files
-(length, masked CRC32C of the length, payload, masked CRC32C of the payload), so
-TensorFlow's `tf.data.TFRecordDataset` reads the shards too. Each shard has an
-offsets sidecar (`<shard>.index`, int64 little-endian) for random access, and a
+A split is a sequence of blocks of posts, one record per block: block j holds
+the split's posts j*B .. (j+1)*B - 1 (B = the split's `block_posts`; only the
+last block is shorter) and is record j // S of shard j % S (S shards).
+Records are framed as TFRecord files (length, masked CRC32C of the length,
+payload, masked CRC32C of the payload), so TensorFlow's
+`tf.data.TFRecordDataset` reads the shards too. Each shard has an offsets
+sidecar (`<shard>.index`, int64 little-endian) for random access, and a
 dataset directory has one `metadata.json` describing all splits.
 
-Schema (missing values are filled on parse, see `parse`):
-  post_id        bytes            the original post id
-  user           int64            user index in [0, num_users)
-  tokens         int64[MAX_LEN]   token ids, 0 = padding
-  text_mask      int64[MAX_LEN]   1 where tokens holds a word
-  text_hash      int64            hash of the cleaned text (duplicate-aware negatives)
-  image_mask     int64            1 when the post has an image
-  image_id       int64            unique-image index, -1 when no image
-  image_features float[F]         frozen-CNN features (optional)
-  image_encoded  bytes            PNG/JPEG bytes (optional)
-  timestamp      int64            unix seconds
+Block payload (little-endian):
+  n          uint32          posts in the block
+  ids_bytes  uint32          length of `ids`
+  rows       POST[n]         one fixed row per post (below)
+  id_ends    int32[n]        end of each post id in `ids`
+  ids        bytes           the original post ids, UTF-8, concatenated
+
+POST row, 104 bytes, int32-aligned: n rows viewed as int32 [n, ROW_INTS] are
+the whole training input of n posts (the step unpacks it, loader.post_fields):
+  user       int32            user index in [0, num_users)
+  image_id   int32            unique-image index, -1 when no image
+  text_hash  int64            hash of the cleaned text (duplicate-aware negatives)
+  timestamp  int64            unix seconds
+  tokens     int32[MAX_LEN]   token ids, 0 = padding
+The masks follow from a row: text_mask = tokens != PAD_ID, image_mask =
+image_id >= 0.
+
+Image inputs are frozen (the paper's design), so they are not in the records
+but in tables indexed by image id, written once and memory-mapped on read:
+  image_features.npy  float32 [num_images, feature_dim]  (feature_dim > 0)
+  image_pixels.npy    uint8 [num_images, S, S, 3]        (image_size S > 0;
+                      zeros for an image known by its features only)
 (A planted topic is not a record field: the truth keys it by post id, oracle.py.)
 """
 
@@ -32,22 +45,28 @@ from collections.abc import Iterable, Mapping, Sequence
 import google_crc32c
 import numpy as np
 from PIL import Image
-from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
 MAX_LEN = 20
 PAD_ID = 0
 UNK_ID = 1
+BLOCK_POSTS = 1024             # posts per record (prepare's --block_posts)
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"       # word of each token id, one a line
 USERS_FILE = "users.txt"       # original id of each user index, one a line
 INTERESTS_FILE = "interests.txt"  # interest labels of each user index, tab-separated
 GRAPH_FILE = "graph.npz"       # follows and actions (input_pipeline/interactions.py)
+TABLE_FILES = {"image_features": "image_features.npy", "image": "image_pixels.npy"}
 SPLITS = ("train", "validation", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 1: one tf.train.Example per post, images inside
+
+POST = np.dtype([("user", "<i4"), ("image_id", "<i4"), ("text_hash", "<i8"),
+                 ("timestamp", "<i8"), ("tokens", "<i4", (MAX_LEN,))])
+ROW_INTS = POST.itemsize // 4
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
+_BLOCK = struct.Struct("<II")
 
 
 class CorruptRecordError(IOError):
@@ -69,17 +88,6 @@ def frame(payload: bytes) -> bytes:
           + _CRC.pack(masked_crc(payload)))
 
 
-def write_shard(path: str, payloads: Iterable[bytes]) -> int:
-  """Writes framed records and the `.index` offsets sidecar; returns the count."""
-  offsets = []
-  with open(path, "wb") as f:
-    for payload in payloads:
-      offsets.append(f.tell())
-      f.write(frame(payload))
-  np.asarray(offsets, dtype="<i8").tofile(path + ".index")
-  return len(offsets)
-
-
 def read_framed(fd: int, offset: int, path: str, index: int) -> bytes:
   """Reads and CRC-checks the record at byte `offset` of an open shard."""
   head = os.pread(fd, 12, offset)
@@ -97,7 +105,7 @@ def read_framed(fd: int, offset: int, path: str, index: int) -> bytes:
   return payload
 
 
-# ------------------------------------------------------------------ schema --
+# ------------------------------------------------------------------- posts --
 
 def text_hash(tokens: Sequence[int]) -> int:
   """Stable signed 64-bit hash of a token sequence (0 for an empty text)."""
@@ -116,90 +124,31 @@ def pad_tokens(tokens: Sequence[int], max_len: int = MAX_LEN) -> np.ndarray:
   return out
 
 
-def _int64(values) -> tf_feature_pb2.Feature:
-  return tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(
-      value=np.atleast_1d(values).astype(np.int64).tolist()))
+def post_rows(user: np.ndarray, image_id: np.ndarray, timestamp: np.ndarray,
+              tokens: np.ndarray) -> np.ndarray:
+  """Columns of N posts (tokens [N, MAX_LEN], 0-padded) -> POST rows [N]."""
+  rows = np.zeros(len(user), POST)
+  rows["user"], rows["image_id"], rows["timestamp"] = user, image_id, timestamp
+  rows["tokens"] = tokens
+  rows["text_hash"] = [text_hash(t) for t in rows["tokens"]]
+  return rows
 
 
-def _float(values) -> tf_feature_pb2.Feature:
-  return tf_feature_pb2.Feature(float_list=tf_feature_pb2.FloatList(
-      value=np.asarray(values, np.float32).ravel().tolist()))
+def rows_of(posts: Sequence[Mapping]) -> tuple[np.ndarray, list[str]]:
+  """Post dicts (post_id, user, tokens, optional image_id and timestamp) ->
+  (POST rows, post ids), for write_split."""
+  rows = post_rows([p["user"] for p in posts], [p.get("image_id", -1) for p in posts],
+                   [p.get("timestamp", 0) for p in posts],
+                   np.reshape([pad_tokens(p.get("tokens", ())) for p in posts], [-1, MAX_LEN]))
+  return rows, [p["post_id"] for p in posts]
 
 
-def _bytes(value: bytes) -> tf_feature_pb2.Feature:
-  return tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[value]))
-
-
-def serialize(post: Mapping) -> bytes:
-  """A post dict (keys of the schema; optional ones may be absent) -> Example bytes."""
-  tokens = pad_tokens(post.get("tokens", ()))
-  feats = {
-      "post_id": _bytes(str(post["post_id"]).encode("utf-8")),
-      "user": _int64(post["user"]),
-      "tokens": _int64(tokens),
-      "text_mask": _int64(tokens != PAD_ID),
-      "text_hash": _int64(text_hash(tokens)),
-      "image_id": _int64(post.get("image_id", -1)),
-      "timestamp": _int64(post.get("timestamp", 0)),
-  }
-  has_image = post.get("image_id", -1) >= 0
-  feats["image_mask"] = _int64(int(has_image))
-  if has_image and post.get("image_features") is not None:
-    feats["image_features"] = _float(post["image_features"])
-  if has_image and post.get("image_encoded") is not None:
-    feats["image_encoded"] = _bytes(post["image_encoded"])
-  example = tf_example_pb2.Example(
-      features=tf_feature_pb2.Features(feature=feats))
-  return example.SerializeToString(deterministic=True)   # map keys sorted: same bytes
-
-
-class Parser:
-  """Example bytes -> NumPy arrays with fixed shapes (defaults filled in).
-
-  feature_dim: length of `image_features` (None: not parsed; 0: an empty
-  [N, 0] array, for data without features); image_size: side of the decoded
-  RGB `image` (0: not decoded). Posts without an image get zeros.
-  Reads the fields of tfds's generated Example proto directly into
-  preallocated batch arrays: tfds's generic NumPy parser spends ~100 us per
-  record on bookkeeping, the input pipeline's whole budget.
-  """
-  INTS = {"user": np.int32, "text_hash": np.int64, "image_mask": bool,
-          "image_id": np.int64, "timestamp": np.int64}
-
-  def __init__(self, feature_dim: int | None = None, image_size: int = 0):
-    self.feature_dim = feature_dim
-    self.image_size = image_size
-
-  def __call__(self, payload: bytes) -> dict[str, np.ndarray]:
-    """One record -> {field: array without a batch axis}."""
-    return {k: v[0] for k, v in self.batch([payload]).items()}
-
-  def batch(self, payloads: Sequence[bytes]) -> dict[str, np.ndarray]:
-    """Records -> {field: [N, ...] array}."""
-    n = len(payloads)
-    out = {k: np.zeros([n], t) for k, t in self.INTS.items()}
-    out["post_id"] = np.empty([n], object)
-    out["tokens"] = np.zeros([n, MAX_LEN], np.int32)
-    out["text_mask"] = np.zeros([n, MAX_LEN], bool)
-    if self.feature_dim is not None:
-      out["image_features"] = np.zeros([n, self.feature_dim], np.float32)
-    if self.image_size:
-      out["image"] = np.zeros([n, self.image_size, self.image_size, 3], np.uint8)
-    for i, payload in enumerate(payloads):
-      feature = tf_example_pb2.Example.FromString(payload).features.feature
-      out["post_id"][i] = feature["post_id"].bytes_list.value[0]
-      for key in self.INTS:
-        out[key][i] = feature[key].int64_list.value[0]
-      out["tokens"][i] = feature["tokens"].int64_list.value
-      out["text_mask"][i] = feature["text_mask"].int64_list.value
-      if not out["image_mask"][i]:
-        continue
-      if self.feature_dim and "image_features" in feature:
-        out["image_features"][i] = feature["image_features"].float_list.value
-      if self.image_size and "image_encoded" in feature:
-        out["image"][i] = decode_image(
-            feature["image_encoded"].bytes_list.value[0], self.image_size)
-    return out
+def encode_block(rows: np.ndarray, post_ids: Sequence[str]) -> bytes:
+  """POST rows [n] and their post ids -> one record's payload."""
+  ids = [str(p).encode("utf-8") for p in post_ids]
+  ends = np.cumsum([0] + [len(i) for i in ids], dtype="<i4")[1:]
+  return (_BLOCK.pack(len(rows), int(ends[-1]) if len(ids) else 0)
+          + np.ascontiguousarray(rows, POST).tobytes() + ends.tobytes() + b"".join(ids))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -209,45 +158,44 @@ def encode_png(pixels: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image bytes -> uint8 [size, size, 3] (RGB, resized)."""
-  with Image.open(io.BytesIO(data)) as img:
-    img = img.convert("RGB")
-    if img.size != (size, size):
-      img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, np.uint8)
-
-
-# ---------------------------------------------------------------- metadata --
+# ------------------------------------------------------------------- write --
 
 def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def write_split(directory: str, split: str, posts: Iterable[Mapping],
-                num_shards: int) -> dict:
-  """Writes posts round-robin into `num_shards` shards; returns the split's metadata."""
-  return write_payloads(directory, split, (serialize(p) for p in posts), num_shards)
-
-
-def write_payloads(directory: str, split: str, payloads: Iterable[bytes],
-                   num_shards: int) -> dict:
-  """Streams serialized records round-robin into `num_shards` shards (with `.index`)."""
+def write_split(directory: str, split: str, chunks: Iterable[tuple[np.ndarray, Sequence]],
+                num_shards: int, block_posts: int = BLOCK_POSTS) -> dict:
+  """Streams the posts of `chunks` ((POST rows, post ids) in split order, any
+  sizes) as blocks of `block_posts` into `num_shards` shards (with `.index`);
+  returns the split's metadata."""
   names = [shard_name(split, i, num_shards) for i in range(num_shards)]
   files = [open(os.path.join(directory, n), "wb") for n in names]
-  offsets = [[] for _ in names]
+  offsets, posts = [[] for _ in names], [0] * num_shards
+
+  def blocks():
+    rows, ids = np.zeros(0, POST), []
+    for more_rows, more_ids in chunks:
+      rows, ids = np.concatenate([rows, more_rows]), ids + list(more_ids)
+      while len(rows) >= block_posts:
+        yield rows[:block_posts], ids[:block_posts]
+        rows, ids = rows[block_posts:], ids[block_posts:]
+    if len(rows):
+      yield rows, ids
+
   try:
-    for i, payload in enumerate(payloads):
-      f = files[i % num_shards]
-      offsets[i % num_shards].append(f.tell())
-      f.write(frame(payload))
+    for j, (rows, ids) in enumerate(blocks()):
+      f = files[j % num_shards]
+      offsets[j % num_shards].append(f.tell())
+      f.write(frame(encode_block(rows, ids)))
+      posts[j % num_shards] += len(rows)
   finally:
     for f in files:
       f.close()
   for name, offs in zip(names, offsets):
     np.asarray(offs, dtype="<i8").tofile(os.path.join(directory, name) + ".index")
-  counts = [len(o) for o in offsets]
-  return {"num_posts": int(sum(counts)), "shards": names, "shard_sizes": counts}
+  return {"num_posts": sum(posts), "shards": names, "shard_sizes": posts,
+          "block_posts": block_posts, "num_blocks": sum(map(len, offsets))}
 
 
 def write_metadata(directory: str, metadata: Mapping) -> None:
@@ -270,6 +218,8 @@ def save_npz(path: str, **arrays) -> None:
         np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
+# -------------------------------------------------------------------- read --
+
 def read_lines(directory: str, name: str) -> list[str] | None:
   """The items written by `write_lines`, or None when the file is absent."""
   path = os.path.join(directory, name)
@@ -288,28 +238,75 @@ def read_metadata(directory: str) -> dict:
   with open(path) as f:
     meta = json.load(f)
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format_version {meta.get('format_version')} "
-                     f"is not {FORMAT_VERSION}")
+    raise ValueError(f"{directory} was prepared in record format "
+                     f"{meta.get('format_version')}, this code reads format "
+                     f"{FORMAT_VERSION}: prepare it again (launch/prepare_data.py)")
   return meta
 
 
-class ShardReader:
-  """Random access to the records of some shards: len() and [i] -> payload bytes."""
+def table_path(directory: str, key: str) -> str:
+  """The file of the image table of batch key `key` ("image_features", "image")."""
+  return os.path.join(directory, TABLE_FILES[key])
 
-  def __init__(self, paths: Sequence[str]):
-    self.paths = list(paths)
+
+def read_table(directory: str, metadata: Mapping, key: str) -> np.ndarray:
+  """The image table of `key`, memory-mapped: image_features float32
+  [num_images, feature_dim] (zeros [num_images, 0] without features), image
+  uint8 [num_images, S, S, 3] (ValueError without pixels)."""
+  n, dim, size = metadata["num_images"], metadata["feature_dim"], metadata["image_size"]
+  if key == "image" and not size:
+    raise ValueError(f"{directory} has no pixels (metadata image_size 0): "
+                     "model.image_input='pixels' needs data prepared from image files")
+  shape, dtype = (((n, dim), np.float32) if key == "image_features"
+                  else ((n, size, size, 3), np.uint8))
+  if n == 0 or shape[1] == 0:
+    return np.zeros(shape, dtype)
+  table = np.load(table_path(directory, key), mmap_mode="r")
+  if table.shape != shape or table.dtype != dtype:
+    raise ValueError(f"{table_path(directory, key)} is {table.dtype} {list(table.shape)}, "
+                     f"metadata.json says {np.dtype(dtype)} {list(shape)}: prepare it again")
+  return table
+
+
+class SplitReader:
+  """The blocks of one split (its metadata entry): `num_blocks`, `sizes` and
+  the CRC-checked block j as POST rows (`rows`) or rows and post ids (`block`)."""
+
+  def __init__(self, directory: str, split: Mapping):
+    self.paths = [os.path.join(directory, s) for s in split["shards"]]
     self._offsets = [np.fromfile(p + ".index", dtype="<i8") for p in self.paths]
-    self._starts = np.cumsum([0] + [len(o) for o in self._offsets])
+    self.num_blocks = sum(map(len, self._offsets))
+    n, b = split["num_posts"], split["block_posts"]
+    if self.num_blocks != -(-n // b):
+      raise CorruptRecordError(f"{directory}: the .index files of {split['shards']} list "
+                               f"{self.num_blocks} blocks, not the {-(-n // b)} of "
+                               f"{n} posts in blocks of {b}")
+    self.block_posts = b                     # post i of the split is in block i // b
+    self.sizes = np.minimum(b, n - b * np.arange(self.num_blocks))   # posts per block
     self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
 
-  def __len__(self) -> int:
-    return int(self._starts[-1])
+  def _payload(self, j: int) -> tuple[bytes, int]:
+    s, r = j % len(self.paths), j // len(self.paths)
+    payload = read_framed(self._fds[s], int(self._offsets[s][r]), self.paths[s], r)
+    n, ids_bytes = _BLOCK.unpack_from(payload)
+    if n != self.sizes[j] or len(payload) != _BLOCK.size + n * (POST.itemsize + 4) + ids_bytes:
+      raise CorruptRecordError(f"{self.paths[s]}: record {r} holds {n} posts in "
+                               f"{len(payload)} bytes, not a block of {self.sizes[j]}")
+    return payload, n
 
-  def __getitem__(self, index: int) -> bytes:
-    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-    local = int(index - self._starts[shard])
-    return read_framed(self._fds[shard], int(self._offsets[shard][local]),
-                       self.paths[shard], local)
+  def rows(self, j: int) -> np.ndarray:
+    """Block j's POST rows [n] (read-only)."""
+    payload, n = self._payload(j)
+    return np.frombuffer(payload, POST, n, _BLOCK.size)
+
+  def block(self, j: int) -> tuple[np.ndarray, list[bytes]]:
+    """Block j's POST rows [n] and post ids (UTF-8 bytes)."""
+    payload, n = self._payload(j)
+    at = _BLOCK.size + n * POST.itemsize
+    ends = np.frombuffer(payload, "<i4", n, at).tolist()
+    ids = payload[at + 4 * n:]
+    return (np.frombuffer(payload, POST, n, _BLOCK.size),
+            [ids[a:e] for a, e in zip([0] + ends, ends)])
 
   def close(self) -> None:
     for fd in self._fds:

@@ -50,6 +50,7 @@ flags.DEFINE_float("min_held_out_known", _D.min_held_out_known,
 flags.DEFINE_integer("min_count", _D.min_count, "Vocabulary: min. training occurrences.")
 flags.DEFINE_float("near_dup_threshold", _D.near_dup_threshold, "Jaccard of near-duplicates.")
 flags.DEFINE_integer("num_shards", _D.num_shards, "Shards per split.")
+flags.DEFINE_integer("block_posts", _D.block_posts, "Posts per record (a block of posts).")
 flags.DEFINE_integer("word2vec_dim", _D.word2vec_dim, "Word2Vec size (0: none).")
 flags.DEFINE_integer("word2vec_epochs", _D.word2vec_epochs, "Word2Vec epochs.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of the splits and Word2Vec.")

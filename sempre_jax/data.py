@@ -11,8 +11,16 @@ graph.npz with actions and follows) serves two kinds of models (their DATA):
             One example = one triplet.
 `Data` reads what the kind needs once per run and hands it to the trainer and
 the evaluators.
+
+A posts batch travels to the devices as the records' rows (loader.py); its
+`Feed` completes it inside the step: the rows unpacked, and the frozen image
+inputs gathered by image id from their table, placed on the mesh once
+(mesh.put_table: replicated up to config.data.replicated_table_mib, 2 GiB by
+default, e.g. 262k images of 2048-d features; above, split by rows over the
+devices, gathered with a reduce-scatter). Triplet batches carry their posts.
 """
 
+import dataclasses
 import functools
 import os
 from collections.abc import Mapping
@@ -22,12 +30,29 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from input_pipeline import interactions, loader
+from input_pipeline import interactions, loader, records
+from sempre_jax import mesh as mesh_lib
 from sempre_jax.models import encoders
 
 CLUSTERS_FILE = "semantic_clusters.npy"
 UNITS = {"posts": "posts", "triplets": "triplets"}
+REPLICATED_TABLE_MIB = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+  """A posts batch's completion on the devices: `tables` (on the mesh, laid
+  out by `specs`) are passed to the step, which runs `inputs` per device."""
+  tables: dict
+  specs: dict
+
+  def inputs(self, batch: Mapping, tables: Mapping) -> dict:
+    """{"posts": rows [b, ROW_INTS]}, this device's table parts -> the model's batch."""
+    return loader.model_inputs(batch["posts"], {
+        key: functools.partial(mesh_lib.take_rows, table, spec=self.specs[key])
+        for key, table in tables.items()})
 
 
 class Data:
@@ -62,9 +87,9 @@ class Data:
     seed = self.config.seed
     if self.kind == "posts":
       return loader.train_dataset(
-          self.data_dir, self.metadata, batch_size=batch_size,
-          image_input=self.config.model.image_input, image_key=self.image_key, seed=seed,
-          process_index=process_index, process_count=process_count)
+          self.data_dir, self.metadata, batch_size=batch_size, seed=seed,
+          process_index=process_index, process_count=process_count,
+          streams=self.config.data.get("streams", 0))
     ic = self.config.data.interactions
     negatives = interactions.Negatives(self.interactions, self.action_splits["train"],
                                        ic.negatives, ic.window_minutes, ic.images_only)
@@ -74,6 +99,28 @@ class Data:
         bags=self.bags,
         clusters=self.clusters if self.config.model.get("semantic_triplets") else None,
         process_index=process_index, process_count=process_count))
+
+  @functools.cached_property
+  def tables(self) -> dict[str, np.ndarray]:
+    """{image key: its table [num_images, ...]} (memory-mapped) of a posts model."""
+    if self.kind != "posts":
+      return {}
+    return {self.image_key: records.read_table(self.data_dir, self.metadata, self.image_key)}
+
+  def feed(self, mesh: Mesh) -> Feed | None:
+    """The tables placed on `mesh` for the train step (None: batches are complete)."""
+    if self.kind != "posts":
+      return None
+    limit = self.config.data.get("replicated_table_mib", REPLICATED_TABLE_MIB) << 20
+    placed = {k: mesh_lib.put_table(mesh, t, limit) for k, t in self.tables.items()}
+    return Feed({k: a for k, (a, _) in placed.items()}, {k: s for k, (_, s) in placed.items()})
+
+  def host_inputs(self, batch: Mapping) -> dict:
+    """A train batch as the model sees it, completed on the host (what the
+    Feed does on the devices)."""
+    if self.kind != "posts":
+      return dict(batch)
+    return loader.model_inputs(batch["posts"], loader.host_gather(self.tables))
 
   # ------------------------------------------------------------ triplets ---
 

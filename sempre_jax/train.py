@@ -9,8 +9,11 @@ are replicated, so `jax.grad` of the local loss share already returns the
 psum of the per-device gradients: the gradient of the global-batch loss,
 identical to one device on the same batch.
 
-The loop never reads from the devices between log points: batches are parsed
-and sharded onto the mesh ahead of time (a background prefetch of depth 2);
+The loop never reads from the devices between log points: batches (a posts
+batch is its records' rows, ~100 bytes a post) are sharded onto the mesh
+ahead of time (a background prefetch of depth 2) and completed inside the
+step (the frozen image inputs gathered by image id from tables placed on the
+mesh once, sempre_jax/data.py);
 metrics are summed on the devices and read every `log_every_steps`; a step
 whose loss or gradient is not finite changes nothing and raises a flag that
 the host reads at the next log or checkpoint step, where training stops
@@ -28,10 +31,13 @@ and run every `every_steps`; the best checkpoint on `config.best` is the one
 the final evaluators rank (the paper's protocol).
 """
 
+import copy
 import json
 import os
+import queue
 import re
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -109,18 +115,25 @@ def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> 
 
 # =================================================================== step ===
 
-def make_train_step(loss_fn, mesh: Mesh, seed: int = 0):
-  """(jit(shard_map(step)), zero_sums): step(state, sums, global batch) -> (state, sums).
+def make_train_step(loss_fn, mesh: Mesh, seed: int = 0, feed=None):
+  """(step, zero_sums): step(state, sums, global batch) -> (state, sums), a
+  jit(shard_map) over the mesh.
 
   loss_fn(variables, local batch, rng) -> (this device's share of the global
   loss, psum'ed metrics, model-state updates); the dropout rng differs per
-  step and device. `sums` accumulates the metrics of the finite steps, their
-  count ("steps") and the first non-finite step ("first_bad", -1: none); a
-  non-finite step leaves parameters, optimizer and model state unchanged.
+  step and device. `feed` (sempre_jax/data.Feed; None: batches are the
+  model's) completes each device's batch inside the step from the tables it
+  placed on the mesh, which every call passes to the compiled step. `sums`
+  accumulates the metrics of the finite steps, their count ("steps") and the
+  first non-finite step ("first_bad", -1: none); a non-finite step leaves
+  parameters, optimizer and model state unchanged.
   zero_sums(state, global batch) -> the sums of no step, on the mesh.
   """
+  tables, specs = (feed.tables, feed.specs) if feed else ({}, {})
 
-  def per_device(state, batch):
+  def per_device(state, batch, tables):
+    if feed:
+      batch = feed.inputs(batch, tables)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
                              jax.lax.axis_index(mesh_lib.AXIS))
 
@@ -140,25 +153,26 @@ def make_train_step(loss_fn, mesh: Mesh, seed: int = 0):
         model_state=keep({**state.model_state, **updates}, state.model_state))
     return new, metrics, finite
 
-  def step(state, sums, batch):
-    new, metrics, finite = per_device(state, batch)
+  def step(state, sums, batch, tables):
+    new, metrics, finite = per_device(state, batch, tables)
     sums = {k: sums[k] + jnp.where(finite, metrics[k], 0) for k in metrics} | {
         "steps": sums["steps"] + finite.astype(jnp.int32),
         "first_bad": jnp.where((sums["first_bad"] < 0) & ~finite, new.step, sums["first_bad"])}
     return new, sums
 
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(mesh_lib.AXIS)),
-                          out_specs=(P(), P()))
+  in_specs = (P(), P(), P(mesh_lib.AXIS), specs)
+  compiled = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P())),
+                     donate_argnums=0)
 
   def zero_sums(state, batch):
     metrics = jax.eval_shape(jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)), out_specs=(P(), P(), P())),
-        state, batch)[1]
+        per_device, mesh=mesh, in_specs=in_specs[:1] + in_specs[2:],
+        out_specs=(P(), P(), P())), state, batch, tables)[1]
     zeros = {k: np.zeros(m.shape, m.dtype) for k, m in metrics.items()}
     zeros.update(steps=np.int32(0), first_bad=np.int32(-1))
     return mesh_lib.put_global(mesh, zeros)
 
-  return jax.jit(sharded, donate_argnums=0), zero_sums
+  return (lambda state, sums, batch: compiled(state, sums, batch, tables)), zero_sums
 
 
 # ================================================================ metrics ===
@@ -234,13 +248,60 @@ class Preemption:
 
 # =================================================================== data ===
 
-def device_batches(dataset: grain.IterDataset, mesh: Mesh, depth: int = 2):
-  """An iterator of global batches on the mesh, `depth` ahead of the loop:
-  this process's batches (`dataset`) are sharded over the data axis in a
-  background thread. get_state()/set_state() are those of the consumed
-  position (grain's thread prefetch keeps them exact)."""
-  ds = dataset.map(lambda batch: mesh_lib.shard_batch(mesh, batch))
-  return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=depth))
+class DeviceBatches:
+  """An iterator of global batches on the mesh, `depth` ahead of the loop: a
+  background thread takes this process's batches from `dataset` and shards
+  them over the data axis. get_state()/set_state() are those of the consumed
+  position. (A thread and a queue: grain's ThreadPrefetchIterDataset and map
+  took ~30 us more host time a batch, a tenth of a small step on a 2-core CPU.)"""
+
+  def __init__(self, dataset: grain.IterDataset, mesh: Mesh, depth: int = 2):
+    self._source, self._mesh, self._depth = iter(dataset), mesh, depth
+    self._state, self._thread = self._source.get_state(), None
+
+  def _fill(self, batches: queue.Queue, stop: threading.Event) -> None:
+    try:
+      while not stop.is_set():
+        batch = mesh_lib.shard_batch(self._mesh, next(self._source))
+        batches.put((batch, copy.deepcopy(self._source.get_state()), None))
+    except Exception as e:  # pylint: disable=broad-except  (raised in the loop)
+      batches.put((None, None, e))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._thread is None:
+      self._queue, self._stop = queue.Queue(self._depth), threading.Event()
+      self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop),
+                                      daemon=True)
+      self._thread.start()
+    batch, state, error = self._queue.get()
+    if error is not None:
+      self._thread = None
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self) -> dict:
+    return self._state
+
+  def set_state(self, state: Mapping) -> None:
+    self.close()
+    self._source.set_state(state)
+    self._state = state
+
+  def close(self) -> None:
+    """Stops the thread (the batches it made are dropped)."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get(timeout=0.01)      # a full queue blocks the thread's put
+      except queue.Empty:
+        pass
+    self._thread = None
 
 
 # ================================================================ configs ===
@@ -305,10 +366,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   total_steps = stages[-1].end_step
   evaluators = exp.evaluators(mesh)      # errors stop the run before training
   dataset = exp.data.train_dataset(config.batch_size // n_proc, jax.process_index(), n_proc)
-  data_iter = device_batches(dataset, mesh)
+  feed = exp.data.feed(mesh)
+  data_iter = DeviceBatches(dataset, mesh)
   fresh_position = data_iter.get_state()
   first = next(data_iter)
-  example = jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first)
+  example = exp.data.host_inputs(
+      jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first))
   variables = exp.init_variables(jax.random.key(config.seed), example)
   stage_of = lambda step: next((i for i, s in enumerate(stages) if step <= s.end_step),
                                len(stages) - 1)
@@ -325,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints)
   start = ckpts.latest_step() or 0
   state = state_for(stages[stage_of(max(start, 1))], variables)
-  steps, zero_sums = zip(*[make_train_step(exp.loss_fn(s), mesh, config.seed)
+  steps, zero_sums = zip(*[make_train_step(exp.loss_fn(s), mesh, config.seed, feed)
                            for s in stages])
   zeros = zero_sums[0](state, first)     # the metric sums of no step
   if start:
@@ -342,7 +405,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
   writer = SummaryWriter(workdir) if lead else None
   progress = Progress(start, total_steps, config.batch_size, exp.data.unit)
-  periodic = {n: e for n, e in evaluators.items() if config.evals[n].every_steps}
+  # The loop's settings as plain values (a ConfigDict lookup costs microseconds).
+  periodic = {n: config.evals[n].every_steps for n in evaluators if config.evals[n].every_steps}
+  log_every, checkpoint_every = config.log_every_steps, config.checkpoint_every_steps
+  selector = config.get("best")
   preemption = Preemption()
   sums, last_saved = zeros, start or None
   one_in_flight = n_dev > 1 and jax.default_backend() == "cpu"     # see the module
@@ -355,17 +421,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       if one_in_flight:
         jax.block_until_ready(sums)
       preempted = preemption.reached(step)
-      due = [n for n, e in periodic.items()
-             if step % config.evals[n].every_steps == 0 or step == total_steps]
-      save = (step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-              or config.get("best") in due)
-      if step % config.log_every_steps == 0 or step == total_steps or save or due:
+      due = [n for n, every in periodic.items() if step % every == 0 or step == total_steps]
+      save = step % checkpoint_every == 0 or step == total_steps or preempted or selector in due
+      if step % log_every == 0 or step == total_steps or save or due:
         host = jax.device_get(sums)
         if host["first_bad"] >= 0:
           raise TrainingStopped(
               f"non-finite loss or gradient norm at step {int(host['first_bad'])}; stopped "
               f"before saving it. The last good checkpoint (step {last_saved}) is kept.")
-        if step % config.log_every_steps == 0 or step == total_steps:
+        if step % log_every == 0 or step == total_steps:
           scalars, line = progress.report(step, host)
           sums = zeros
           if lead:
@@ -376,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       for name in due:
         results = evaluators[name].run(state.variables())
         value = evaluators[name].score(results)
-        score = value if name == config.get("best") else score
+        score = value if name == selector else score
         if lead:
           with open(os.path.join(workdir, VALIDATION_LOG), "a") as f:
             f.write(json.dumps({"step": step, "evaluator": name, "score": value,
@@ -387,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
           best = ckpts.best_score()
           status = ("new best" if best is None or value <= best else
                     f"best {best:.4f} at step {ckpts.best_step()}") \
-              if name == config.get("best") else "not used for selection"
+              if name == selector else "not used for selection"
           print(f"{name} at step {step}: score {value:.4f} ({status})", flush=True)
       if save:
         ckpts.save(step, state, data_iter.get_state(), score)

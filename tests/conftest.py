@@ -57,6 +57,7 @@ def toy_data(tmp_path):
   posts = [dict(post_id=f"p{i}", user=i % 4, tokens=rng.integers(2, 12, 5)) for i in range(32)]
   meta = {"num_users": 4, "vocab_size": 12, "max_len": records.MAX_LEN, "feature_dim": 0,
           "image_size": 0, "num_images": 0,
-          "splits": {"train": records.write_split(str(tmp_path), "train", posts, 2)}}
+          "splits": {"train": records.write_split(str(tmp_path), "train",
+                                                  [records.rows_of(posts)], 2, block_posts=4)}}
   records.write_metadata(str(tmp_path), meta)
   return str(tmp_path), meta

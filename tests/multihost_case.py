@@ -1,11 +1,14 @@
-"""The shared cases of the multi-process test: a train step on a fixed global
-batch, and exact ranks with candidates split over the devices of both processes."""
+"""The shared cases of the multi-process tests: a train step on a fixed global
+batch, exact ranks with candidates split over the devices of both processes,
+and a few steps of the training loop on prepared data."""
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
+from input_pipeline import embedded, records
 from sempre_jax import mesh as mesh_lib, train
 from sempre_jax.evals import ranks
 from sempre_jax.models import du2mce as du2mce_model
@@ -67,3 +70,25 @@ def global_ranks() -> np.ndarray:
 
 def rank_counts(r: ranks.Ranks) -> np.ndarray:
   return np.stack([r.above, r.tied, r.tied_gts])
+
+
+def prepared(root: str) -> str:
+  """A small embedded corpus: 119 train posts in 8 blocks of 16 over 2 shard files."""
+  spec = dict(num_users=12, num_topics=3, posts_per_user=11, feature_dim=8, seed=2)
+  return embedded.ensure(spec, {"test": 0.1}, num_shards=2, word2vec_dim=0, seed=0,
+                         root=root, log=lambda *a: None, block_posts=16)
+
+
+def train_run(data_dir: str, workdir: str, num_devices: int = 0) -> dict:
+  """Flat parameters after the training loop's 2 epochs of batches of 12 over 3
+  data streams (no evaluators)."""
+  config = du2mce.get_config()
+  config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4),
+                      init_from_word2vec=False)
+  config.data.update(dir=data_dir, streams=3)
+  config.update(batch_size=12, num_epochs=2, log_every_steps=1000, num_devices=num_devices,
+                checkpoint_every_steps=1000, best="")
+  config.evals = ml_collections.ConfigDict()
+  state, _ = train.train_and_evaluate(config, workdir, data_dir, records.read_metadata(data_dir))
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in flat}

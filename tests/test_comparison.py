@@ -24,7 +24,7 @@ def _experiment(tmp_path, variant):
   config.data.embedded.update(num_users=10, num_topics=3, posts_per_user=8, feature_dim=8)
   config.model.update(embed_dim=8, word_dim=4, user_dim=4, text_filters=(4, 4, 4))
   exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
-  return exp, next(iter(exp.data.train_dataset(16, 0, 1)))
+  return exp, exp.data.host_inputs(next(iter(exp.data.train_dataset(16, 0, 1))))
 
 
 def test_frozen_towers_do_not_move(tmp_path):

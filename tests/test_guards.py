@@ -105,13 +105,17 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   data = tmp_path / "data"
   data.mkdir()
   rng = np.random.default_rng(0)
-  posts = [dict(post_id=f"p{i}", user=i % 6, tokens=rng.integers(2, 30, 6), image_id=i,
-                image_features=np.full(4, np.nan) if i == 37 else rng.normal(size=4))
+  posts = [dict(post_id=f"p{i}", user=i % 6, tokens=rng.integers(2, 30, 6), image_id=i)
            for i in range(48)]
+  features = rng.normal(size=[48, 4]).astype(np.float32)
+  features[37] = np.nan
+  np.save(records.table_path(str(data), "image_features"), features)
   meta = {"num_users": 6, "vocab_size": 30, "max_len": records.MAX_LEN, "feature_dim": 4,
           "image_size": 0, "num_images": 48,
-          "splits": {"train": records.write_split(str(data), "train", posts, 2),
-                     "test": records.write_split(str(data), "test", posts[:8], 1)}}
+          "splits": {"train": records.write_split(str(data), "train", [records.rows_of(posts)],
+                                                  2, block_posts=8),
+                     "test": records.write_split(str(data), "test", [records.rows_of(posts[:8])],
+                                                 1)}}
   records.write_metadata(str(data), meta)
   config = du2mce.get_config()
   config.data.dir = str(data)

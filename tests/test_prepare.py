@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import sparse
 
 from configs import du2mce
@@ -21,6 +21,7 @@ from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWEETS = os.path.join(ROOT, "..", "shared", "data", "mediaeval2016", "posts.jsonl")
+IMAGES = ["rgb.png", "grey.png", "cmyk.jpg", "rgba.png", "palette.png"]
 WORDS = ["storm", "flood", "shark", "street", "city", "rescue", "river", "night"]
 
 
@@ -33,12 +34,9 @@ def _png(mode, size=(20, 12), color=None):
 
 
 def _read_split(data_dir, split):
-  meta = records.read_metadata(data_dir)
-  paths = loader.split_paths(data_dir, meta, split)
-  reader, parse = records.ShardReader(paths), records.Parser()
-  out = [parse(reader[i]) for i in range(len(reader))]
-  reader.close()
-  return out
+  """The posts of a split as dicts of their fields."""
+  batches = loader.eval_batches(data_dir, records.read_metadata(data_dir), split, 512, None)
+  return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["user"]))]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +66,7 @@ def bad_corpus(tmp_path_factory):
 
   for i in range(30):
     lines.append(post(f"ok{i}", user=f"u{i % 3}")); valid.append(f"ok{i}")
-  for i, img in enumerate(["rgb.png", "grey.png", "cmyk.jpg", "rgba.png", "palette.png"]):
+  for i, img in enumerate(IMAGES):
     lines.append(post(f"img{i}", image=f"images/{img}")); valid.append(f"img{i}")
   lines.append(b'{"post_id": "broken", "user_id": "u1", "text": "a'.decode())  # malformed
   lines.append(None)                                                          # bad UTF-8
@@ -108,7 +106,7 @@ def prepared_bad(bad_corpus, tmp_path_factory):
   return prepare.prepare(posts, out, options, log=lambda *a: None), out, valid
 
 
-def test_every_bad_input_is_counted_and_every_valid_post_is_written(prepared_bad):
+def test_every_bad_input_is_counted_and_every_valid_post_is_written(prepared_bad, bad_corpus):
   report, out, valid = prepared_bad
   assert {r: p["count"] for r, p in report["problems"].items()} == EXPECTED
   assert report["problems"]["malformed_json"]["examples"] == ["line 36"]
@@ -119,6 +117,12 @@ def test_every_bad_input_is_counted_and_every_valid_post_is_written(prepared_bad
   assert by_id["urlonly"]["image_mask"] and not by_id["urlonly"]["text_mask"].any()
   assert not by_id["corrupt"]["image_mask"] and by_id["corrupt"]["text_mask"].any()
   assert by_id["img0"]["image_id"] == by_id["urlonly"]["image_id"]       # same file
+  # The pixel table's row of an image: the file, decoded, converted and fitted.
+  pixels = records.read_table(out, records.read_metadata(out), "image")
+  for i, name in enumerate(IMAGES):
+    with Image.open(os.path.join(os.path.dirname(bad_corpus[0]), "images", name)) as img:
+      expected = ImageOps.fit(img.convert("RGB"), (16, 16), Image.BILINEAR)
+    np.testing.assert_array_equal(pixels[by_id[f"img{i}"]["image_id"]], np.asarray(expected))
   assert json.load(open(os.path.join(out, prepare.REPORT_FILE)))["posts_written"] == len(valid)
 
 

@@ -1,5 +1,7 @@
-"""Record framing, schema round trip and corruption detection."""
+"""Record framing, blocks of posts round trip, image tables, and corruption detection."""
 
+import json
+import os
 import struct
 
 import numpy as np
@@ -23,32 +25,45 @@ def test_frame_layout():
   assert len(framed) == 8 + 4 + 3 + 4
 
 
-def _post(i, **kw):
-  post = dict(post_id=f"id{i}", user=i % 3, tokens=[5, 6, 7][: i % 4],
-              image_id=i if i % 2 else -1, timestamp=1000 + i,
-              image_features=np.full([4], i, np.float32) if i % 2 else None)
-  post.update(kw)
-  return post
+def _posts(n):
+  return [dict(post_id=f"id{i}é", user=i % 3, tokens=[5, 6, 7][: i % 4],
+               image_id=i if i % 2 else -1, timestamp=1000 + i) for i in range(n)]
 
 
-def test_round_trip_with_missing_modalities(tmp_path):
-  posts = [_post(i) for i in range(6)]
-  path = str(tmp_path / "s.tfrecord")
-  assert records.write_shard(path, map(records.serialize, posts)) == 6
-  reader = records.ShardReader([path])
-  parse = records.Parser(feature_dim=4)
-  for i, post in enumerate(posts):
-    ex = parse(reader[i])
-    assert ex["post_id"] == post["post_id"].encode()
-    assert ex["user"] == post["user"]
+def _split(tmp_path, posts, chunks=(4,), shards=2, block_posts=3):
+  """Writes `posts` in chunks cut at `chunks`; returns the split's metadata."""
+  cuts = [0, *chunks, len(posts)]
+  return records.write_split(str(tmp_path), "s",
+                             [records.rows_of(posts[a:b]) for a, b in zip(cuts, cuts[1:])],
+                             shards, block_posts)
+
+
+def test_blocks_hold_the_posts_in_split_order(tmp_path):
+  posts = _posts(10)
+  meta = _split(tmp_path, posts)
+  assert (meta["num_posts"], meta["num_blocks"], meta["shard_sizes"]) == (10, 4, [6, 4])
+  reader = records.SplitReader(str(tmp_path), meta)
+  np.testing.assert_array_equal(reader.sizes, [3, 3, 3, 1])
+  got = [reader.block(j) for j in range(reader.num_blocks)]
+  rows = np.concatenate([r for r, _ in got])
+  assert [i for _, ids in got for i in ids] == [p["post_id"].encode() for p in posts]
+  for row, post in zip(rows, posts):
     n = len(post["tokens"])
-    np.testing.assert_array_equal(ex["tokens"][:n], post["tokens"])
-    assert not ex["tokens"][n:].any() and ex["text_mask"].sum() == n
-    assert ex["image_mask"] == (post["image_id"] >= 0)
-    expected = post["image_features"] if post["image_id"] >= 0 else np.zeros(4)
-    np.testing.assert_array_equal(ex["image_features"], expected)
-    assert ex["text_hash"] == records.text_hash(post["tokens"])
-    assert (ex["text_hash"] == 0) == (n == 0)
+    assert (row["user"], row["image_id"], row["timestamp"]) == (
+        post["user"], post["image_id"], post["timestamp"])
+    np.testing.assert_array_equal(row["tokens"][:n], post["tokens"])
+    assert not row["tokens"][n:].any()
+    assert row["text_hash"] == records.text_hash(post["tokens"])
+    assert (row["text_hash"] == 0) == (n == 0)
+  # Block j is record j // 2 of shard j % 2: read the third block by hand.
+  path = os.path.join(str(tmp_path), meta["shards"][0])
+  offset = np.fromfile(path + ".index", "<i8")[1]
+  with open(path, "rb") as f:
+    payload = records.read_framed(f.fileno(), int(offset), path, 1)
+  n, _ = struct.unpack_from("<II", payload)
+  by_hand = np.frombuffer(payload, records.POST, n, 8)
+  np.testing.assert_array_equal(by_hand, got[2][0])
+  assert records.POST.itemsize == 4 * records.ROW_INTS == 104
 
 
 def test_text_hash_ignores_padding_and_separates_texts():
@@ -56,36 +71,52 @@ def test_text_hash_ignores_padding_and_separates_texts():
   assert records.text_hash([3, 4]) != records.text_hash([4, 3])
 
 
-def test_pixels_round_trip(tmp_path):
-  pixels = np.random.default_rng(0).integers(0, 255, [8, 8, 3], dtype=np.uint8)
-  path = str(tmp_path / "s.tfrecord")
-  records.write_shard(path, [records.serialize(
-      _post(1, image_encoded=records.encode_png(pixels)))])
-  ex = records.Parser(image_size=8)(records.ShardReader([path])[0])
-  np.testing.assert_array_equal(ex["image"], pixels)
-
-
-def _shard(tmp_path, n=3):
-  path = str(tmp_path / "s.tfrecord")
-  records.write_shard(path, [records.serialize(_post(i)) for i in range(n)])
-  return path
-
-
 def test_flipped_byte_names_file_and_record(tmp_path):
-  path = _shard(tmp_path)
+  meta = _split(tmp_path, _posts(10))
+  path = os.path.join(str(tmp_path), meta["shards"][1])
   offsets = np.fromfile(path + ".index", dtype="<i8")
   data = bytearray(open(path, "rb").read())
   data[offsets[1] + 20] ^= 0xFF
   open(path, "wb").write(bytes(data))
-  reader = records.ShardReader([path])
-  reader[0], reader[2]
-  with pytest.raises(records.CorruptRecordError, match=r"s\.tfrecord: record 1 .*CRC"):
-    reader[1]
+  reader = records.SplitReader(str(tmp_path), meta)
+  reader.rows(0), reader.rows(1), reader.rows(2)
+  with pytest.raises(records.CorruptRecordError, match=r"s-00001-of-00002\.tfrecord: record 1 .*CRC"):
+    reader.rows(3)
 
 
 def test_truncated_shard_names_file_and_record(tmp_path):
-  path = _shard(tmp_path)
+  meta = _split(tmp_path, _posts(10))
+  path = os.path.join(str(tmp_path), meta["shards"][0])
   data = open(path, "rb").read()
   open(path, "wb").write(data[:-10])
-  with pytest.raises(records.CorruptRecordError, match="record 2 truncated"):
-    records.ShardReader([path])[2]
+  with pytest.raises(records.CorruptRecordError, match="00002.tfrecord: record 1 truncated"):
+    records.SplitReader(str(tmp_path), meta).rows(2)
+
+
+def test_index_that_disagrees_with_the_metadata_is_corrupt(tmp_path):
+  meta = _split(tmp_path, _posts(10))
+  with pytest.raises(records.CorruptRecordError, match="list 4 blocks, not the 2"):
+    records.SplitReader(str(tmp_path), dict(meta, block_posts=5))
+
+
+def test_a_dataset_of_the_old_format_asks_to_prepare_again(tmp_path):
+  with open(tmp_path / records.METADATA_FILE, "w") as f:
+    json.dump({"format_version": 1, "splits": {}}, f)
+  with pytest.raises(ValueError, match=r"record format 1, this code reads format 2: "
+                                        r"prepare it again \(launch/prepare_data.py\)"):
+    records.read_metadata(str(tmp_path))
+
+
+def test_image_tables_are_memory_mapped_and_checked(tmp_path):
+  meta = {"num_images": 3, "feature_dim": 2, "image_size": 0}
+  features = np.arange(6, dtype=np.float32).reshape(3, 2)
+  np.save(records.table_path(str(tmp_path), "image_features"), features)
+  table = records.read_table(str(tmp_path), meta, "image_features")
+  assert isinstance(table, np.memmap)
+  np.testing.assert_array_equal(table, features)
+  assert records.read_table(str(tmp_path), dict(meta, feature_dim=0),
+                            "image_features").shape == (3, 0)
+  with pytest.raises(ValueError, match=r"float32 \[3, 2\], metadata.json says float32 \[4, 2\]"):
+    records.read_table(str(tmp_path), dict(meta, num_images=4), "image_features")
+  with pytest.raises(ValueError, match="has no pixels"):
+    records.read_table(str(tmp_path), meta, "image")

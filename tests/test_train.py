@@ -55,7 +55,7 @@ def experiment(tmp_path_factory):
   config = _small_config()
   workdir = tmp_path_factory.mktemp("small")
   exp = Experiment(config, *conftest.prepared(config, workdir), str(workdir))
-  batch = next(iter(exp.data.train_dataset(16, 0, 1)))
+  batch = exp.data.host_inputs(next(iter(exp.data.train_dataset(16, 0, 1))))
   assert batch["image_mask"].any() and not batch["image_mask"].all()
   return exp, batch
 
@@ -83,6 +83,51 @@ def test_four_devices_match_one_device(experiment, mining):
   chex.assert_trees_all_close(out[4][1], out[1][1], atol=1e-5)
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), out[1][1], init.params)
   assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("replicated_mib", [2048, 0])     # replicated; split over devices
+def test_the_fed_step_gathers_image_inputs_like_the_host(experiment, replicated_mib):
+  """Rows + the feature table placed on 4 devices (replicated, or split by rows)
+  train exactly like the batch completed on the host, on 1 device."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  exp, _ = experiment
+  rows = next(iter(exp.data.train_dataset(16, 0, 1)))
+  batch = exp.data.host_inputs(rows)
+  config = _small_config()
+  init = train.create_train_state(exp.init_variables(jax.random.key(0), batch),
+                                  train.make_optimizer(config, steps_per_epoch=10))
+  out = {}
+  for n, fed in ((1, False), (4, True)):
+    mesh = mesh_lib.make_mesh(n)
+    exp.config.data.replicated_table_mib = replicated_mib
+    feed = exp.data.feed(mesh) if fed else None
+    del exp.config.data["replicated_table_mib"]
+    loss = du2mce_model.loss_fn(exp.module, config, config.loss)
+    step, zero_sums = train.make_train_step(loss, mesh, feed=feed)
+    given = mesh_lib.shard_batch(mesh, rows if fed else batch)
+    state = jax.device_put(jax.tree.map(np.array, init), NamedSharding(mesh, P()))
+    state, sums = step(state, zero_sums(state, given), given)
+    out[n] = (float(sums["loss"]), jax.tree.map(np.asarray, state.params))
+  assert feed.specs == {"image_features": P() if replicated_mib else P(mesh_lib.AXIS)}
+  np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
+  chex.assert_trees_all_close(out[4][1], out[1][1], atol=1e-5)
+
+
+def test_take_rows_from_a_table_split_over_the_devices():
+  """Pixel-like uint8 rows, 10 rows over 4 devices (padded), ids -1 -> zeros."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  mesh = mesh_lib.make_mesh(4)
+  table = np.random.default_rng(0).integers(1, 255, [10, 2, 2, 3], dtype=np.uint8)
+  ids = np.array([9, -1, 0, 3, 3, 7, -1, 8], np.int32)
+  placed, spec = mesh_lib.put_table(mesh, table, max_replicated_bytes=0)
+  assert spec == P(mesh_lib.AXIS) and placed.shape == (12, 2, 2, 3)
+  take = jax.jit(jax.shard_map(lambda t, i: mesh_lib.take_rows(t, i, spec), mesh=mesh,
+                               in_specs=(spec, P(mesh_lib.AXIS)), out_specs=P(mesh_lib.AXIS)))
+  got = np.asarray(take(placed, mesh_lib.put_global(mesh, ids, P(mesh_lib.AXIS))))
+  np.testing.assert_array_equal(got[ids >= 0], table[ids[ids >= 0]])
+  assert not got[ids < 0].any()
 
 
 def _run_main(workdir, *extra):
@@ -152,7 +197,7 @@ def test_pixel_encoder_trains_on_encoded_images(tmp_path):
   config.data.embedded.update(image_size=16, image_fraction=0.8)
   config.model.image_input = "pixels"
   exp = Experiment(config, *conftest.prepared(config, tmp_path), str(tmp_path))
-  batch = next(iter(exp.data.train_dataset(8, 0, 1)))
+  batch = exp.data.host_inputs(next(iter(exp.data.train_dataset(8, 0, 1))))
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
   assert batch["image"][batch["image_mask"]].std() > 10        # real pictures
   assert not batch["image"][~batch["image_mask"]].any()        # missing -> zeros

@@ -5,7 +5,7 @@ tools share (export, clusters, query):
   users(...)   the user tower on user indices.
   texts(...)   the text tower on token ids.
   posts(...)   one streaming pass over the records of some splits (split after
-               split, file order) that yields each batch of posts with its ids
+               split, in the split's order) that yields each batch of posts with its ids
                and the embeddings of
                  texts   the posts with a text, of this process's share
                          (position of the post in the pass % P == p);
@@ -13,7 +13,7 @@ tools share (export, clusters, query):
                          this process's share (image id % P == p);
                with a progress bar (rate, ETA) on stderr. towers=() reads
                ids only (fast: no image is parsed).
-  pictures(...)  the encoded picture of some posts, read back from the records.
+  pictures(...)  the picture of some posts, from the dataset's pixel table.
 Every embedding is L2-normalised by the model: a dot product is a cosine.
 `TopK` keeps the best-scoring rows of such a stream in bounded memory.
 """
@@ -23,7 +23,6 @@ import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline import loader, progress, records
 from sempre_jax import mesh as mesh_lib
@@ -36,7 +35,7 @@ from sempre_jax.models import du2mce, encoders
 class Posts:
   """One batch of posts of one split, with the embeddings of its texts and new images."""
   split: str
-  row: np.ndarray        # [N] position of each post in the split's files
+  row: np.ndarray        # [N] position of each post in its split
   post_id: np.ndarray    # [N] str
   user: np.ndarray       # [N] user index
   tokens: np.ndarray     # [N, MAX_LEN] token ids, 0 = padding
@@ -129,17 +128,22 @@ class Space:
     bar.close()
 
   def pictures(self, locations: Sequence[tuple[str, int]]) -> list[bytes | None]:
-    """The encoded pictures (PNG/JPEG bytes) of posts given as (split, row); None
-    where the record holds no encoded picture."""
+    """The pictures (PNG bytes, from the pixel table) of posts given as (split,
+    row); None where the post has no image or the dataset no pixels (an image
+    known by its features only is a zero row of the table)."""
+    if not self.metadata.get("image_size"):
+      return [None] * len(locations)
+    table = records.read_table(self.data_dir, self.metadata, "image")
     readers, out = {}, []
     try:
       for split, row in locations:
         if split not in readers:
-          readers[split] = records.ShardReader(
-              loader.split_paths(self.data_dir, self.metadata, split))
-        feature = tf_example_pb2.Example.FromString(readers[split][int(row)]).features.feature
-        out.append(feature["image_encoded"].bytes_list.value[0]
-                   if "image_encoded" in feature else None)
+          readers[split] = loader.split_reader(self.data_dir, self.metadata, split)
+        block, at = divmod(int(row), readers[split].block_posts)
+        image = int(readers[split].rows(block)["image_id"][at])
+        pixels = table[image] if image >= 0 else None
+        out.append(records.encode_png(np.asarray(pixels))
+                   if pixels is not None and pixels.any() else None)
     finally:
       for reader in readers.values():
         reader.close()
