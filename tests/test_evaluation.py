@@ -1,9 +1,18 @@
-"""Metrics: hand cases, the exact random baseline against simulation."""
+"""Metrics: hand cases, the exact random baseline against simulation; the
+evaluator: compiled once, streamed ranks against a NumPy reference."""
 
+import contextlib
+
+import jax
 import numpy as np
 import pytest
+from jax._src import dispatch, monitoring
 
-from sempre_jax.evals import ranks, retrieval as evaluation
+from configs import du2mce
+from sempre_jax import mesh as mesh_lib
+from sempre_jax.evals import ranks, retrieval, retrieval as evaluation
+from sempre_jax.experiment import Experiment
+from tests import conftest
 
 
 def test_rank_metrics_hand_case():
@@ -50,3 +59,61 @@ def test_joint_metric_sums_normalised_medians_of_tasks_with_queries():
   assert joint["tasks"] == ["text->user", "image->user"]
   # Model selection counts only the tasks whose loss weight is non-zero.
   assert evaluation.selection_metric(results, {"tu": 0.0, "it": 0.5, "iu": 0.5}) == 50 / 500
+
+
+def test_random_baseline_equals_the_full_cdf():
+  """The bisection's median and the R@K equal those read off the CDF at every
+  k = 1..C (the former evaluator's [C x distinct g] table), many distinct g."""
+  rng = np.random.default_rng(1)
+  for c, high in ((1, 2), (7, 8), (500, 60), (3000, 400)):
+    gts = rng.integers(1, high, 2000)
+    ks = np.arange(1, c + 1)
+    g, weight = np.unique(gts, return_counts=True)
+    cdf = evaluation.random_rank_cdf(ks, g, weight, c)
+    m = evaluation.random_metrics(gts, c)
+    assert m["random_median_rank"] == ks[np.searchsorted(cdf, 0.5 - 1e-12)]
+    for k in evaluation.RECALL_AT:
+      assert m[f"random_R@{k}"] == cdf[min(k, c) - 1]
+
+
+# ------------------------------------------------------- the evaluator itself --
+
+@contextlib.contextmanager
+def compilations():
+  """The names of the XLA compilations inside the block (a list filled as they happen)."""
+  names = []
+  listener = lambda event, duration, **kw: names.append(kw.get("fun_name", "?")) \
+      if event == dispatch.BACKEND_COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+  """DU2MCE on a 12-user embedded corpus, and two parameter sets."""
+  config = du2mce.get_config()
+  config.data.embedded.update(num_users=12, num_topics=3, posts_per_user=20, feature_dim=8)
+  config.model.update(embed_dim=16, word_dim=8, user_dim=8, text_filters=(8, 8, 8))
+  config.evals.test.update(batch_size=16, query_chunk=16, candidate_chunk=4)
+  workdir = tmp_path_factory.mktemp("evaluation")
+  exp = Experiment(config, *conftest.prepared(config, workdir), str(workdir))
+  batch = next(iter(exp.data.train_dataset(16, 0, 1)))
+  return exp, [exp.init_variables(jax.random.key(seed), batch) for seed in (0, 1)]
+
+
+def test_second_run_compiles_nothing(experiment):
+  """The evaluator's embedder and ranker are built once: a second run, with
+  other parameters, reuses every compiled function (4 devices)."""
+  exp, (first, second) = experiment
+  evaluator = retrieval.build(exp.config.evals.test, exp, mesh_lib.make_mesh())
+  before = evaluator.run(first)
+  with compilations() as compiled:
+    after = evaluator.run(second)
+  assert compiled == []
+  for task in evaluation.TASKS:
+    assert after[task]["queries"] == before[task]["queries"] > 0
+    assert after[task]["mean_rank"] != before[task]["mean_rank"]
+  assert after["oracle"] == before["oracle"]
