@@ -61,6 +61,31 @@ def test_ranks_with_ties_and_several_ground_truths_match_argsort(num_devices):
 
 
 @pytest.mark.parametrize("num_devices", [1, 4])
+def test_candidates_ranked_among_the_queries(num_devices):
+  """`both`'s second half is the transposed score matrix ranked with the
+  transposed ground truths (a candidate's: the queries that have it as one);
+  candidates that are no query's ground truth get zeros. Device arrays as
+  candidates, one ranker for two candidate sets."""
+  if jax.device_count() < num_devices:
+    pytest.skip(f"needs {num_devices} devices")
+  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), query_chunk=8, candidate_chunk=4)
+  for seed in (5, 6):
+    q, c, lists = tied_case(seed)
+    scores = q.astype(np.float64) @ c.T.astype(np.float64)
+    gts = ranks.GroundTruth.from_lists(lists)
+    queries, candidates = ranker.both(q, jax.numpy.asarray(c), gts)
+    assert_same_ranks(queries, ranks.ranks_from_scores(scores, gts))
+    owners = [[i for i, gt in enumerate(lists) if j in gt] for j in range(len(c))]
+    some = np.array([j for j, o in enumerate(owners) if o])
+    assert 0 < len(some) < len(c) and max(map(len, owners)) > 1
+    assert_same_ranks(candidates[some], ranks.ranks_from_scores(
+        scores.T[some], ranks.GroundTruth.from_lists([owners[j] for j in some])))
+    none = np.setdiff1d(np.arange(len(c)), some)
+    assert not np.concatenate([candidates.above[none], candidates.tied[none],
+                               candidates.tied_gts[none]]).any()
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
 def test_ranks_without_ties_are_argsort_positions(num_devices):
   if jax.device_count() < num_devices:
     pytest.skip(f"needs {num_devices} devices")
