@@ -241,6 +241,9 @@ class ExactRanker:
 
   def __init__(self, mesh: Mesh, *, query_chunk: int = 1024, candidate_chunk: int = 4096,
                tie_tolerance: float = TIE_TOLERANCE):
+    if not (0 < query_chunk < 1 << 16 and 0 < candidate_chunk < 1 << 16):
+      raise ValueError(f"query_chunk ({query_chunk}) and candidate_chunk ({candidate_chunk}) "
+                       "must lie in [1, 65535]")
     self.mesh, self.query_chunk, self.candidate_chunk = mesh, query_chunk, candidate_chunk
     self.tol = tie_tolerance
     shard = lambda f, ins, outs: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=ins,
@@ -297,11 +300,14 @@ class ExactRanker:
 
   def _place(self, candidates) -> jax.Array:
     """[C, D] -> float32 [devices x c, D] split over the mesh (zero rows
-    appended): c rows per device, a multiple of the scan chunk min(candidate_chunk, c)."""
+    appended): c = n x chunk rows per device, n = ceil(C / devices /
+    candidate_chunk) scan steps of equal chunks, multiples of 16 where
+    candidate_chunk allows (little padding, aligned rows)."""
     n_dev = self.mesh.devices.size
     per_device = max(-(-candidates.shape[0] // n_dev), 1)
-    extra = (n_dev * mesh_lib.round_up(per_device, min(self.candidate_chunk, per_device))
-             - candidates.shape[0])
+    n = -(-per_device // self.candidate_chunk)
+    chunk = min(mesh_lib.round_up(-(-per_device // n), 16), self.candidate_chunk)
+    extra = n_dev * n * chunk - candidates.shape[0]
     if isinstance(candidates, jax.Array):
       return self._pad(candidates, extra)
     return mesh_lib.put_global(
@@ -335,24 +341,34 @@ class ExactRanker:
     truth, or padding), num: C, cand_above / cand_tied [c] (this device's
     counts so far) -> (above [q], tied [q]) summed over the mesh, and the
     candidates' counts with this block's added. Rows without a ground truth
-    (padding) count for no candidate."""
+    (padding) count for no candidate.
+
+    Each score is compared once per direction into one uint32, above + 2^16 x
+    tied, and summed (fewer passes over the [q, chunk] scores: XLA:CPU writes
+    each summand array out); the sums split back exactly while each counts
+    fewer than 2^16 scores (query_chunk and the scan chunk, checked in __init__).
+    """
     c, tol = cands.shape[0], self.tol
-    chunk = min(self.candidate_chunk, c)
+    n = -(-c // self.candidate_chunk)
+    chunk = c // n
     real = (gt >= 0).any(axis=1)[:, None]
 
+    def packed(s, best, keep):
+      return jnp.where(keep, (s > best + tol).astype(jnp.uint32)
+                       + ((jnp.abs(s - best) <= tol).astype(jnp.uint32) << 16), 0)
+
+    def split(sums):
+      return (sums & 0xFFFF).astype(jnp.int32), (sums >> 16).astype(jnp.int32)
+
     def body(carry, xs):
-      above, tied = carry
       block, block_best, start = xs
       s = jnp.matmul(queries, block.T, precision=jax.lax.Precision.HIGHEST)   # [q, chunk]
       other = (((start + jnp.arange(chunk)) < num)[None, :]
                & ~_ground_truth_mask(gt, start, chunk))
-      above += jnp.sum(other & (s > best[:, None] + tol), axis=1)
-      tied += jnp.sum(other & (jnp.abs(s - best[:, None]) <= tol), axis=1)
-      other &= real
-      return (above, tied), (jnp.sum(other & (s > block_best + tol), axis=0),
-                             jnp.sum(other & (jnp.abs(s - block_best) <= tol), axis=0))
+      above, tied = split(jnp.sum(packed(s, best[:, None], other), axis=1))
+      return ((carry[0] + above, carry[1] + tied),
+              split(jnp.sum(packed(s, block_best[None, :], other & real), axis=0)))
 
-    n = c // chunk
     starts = jax.lax.axis_index(AXIS) * c + chunk * jnp.arange(n)
     zeros = jax.lax.pcast(jnp.zeros(queries.shape[0], jnp.int32), AXIS, to="varying")
     (above, tied), (a, t) = jax.lax.scan(
