@@ -118,41 +118,52 @@ def write_split(directory: str, scale: float, seed: int = 0) -> dict:
   return meta
 
 
-def matmul_peak(dim: int = 4096, repeats: int = 5) -> float:
-  """FLOP/s of a jitted f32 [dim, dim] matmul at full precision (best of repeats)."""
+def matmul_peak(dim: int = 4096, repeats: int = 5) -> tuple[float, float]:
+  """(FLOP per second, FLOP per CPU second of this process) of a jitted f32
+  [dim, dim] matmul at full precision, the best of `repeats`."""
   a = jax.random.normal(jax.random.key(0), (dim, dim))
   f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
   f(a).block_until_ready()
-  best = float("inf")
+  wall = cpu = float("inf")
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * dim**3 / best
+    wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+  return 2 * dim**3 / wall, 2 * dim**3 / cpu
 
 
 def rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed(log, phases: dict, name: str, fn):
-  """fn wrapped: each call's wall time added to phases[name] (and logged)."""
-  def wrapper(*args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-    log(f"  {name}: {time.perf_counter() - t0:.1f}s (peak RSS {rss_gib():.2f} GiB)")
-    return out
-  return wrapper
+class Phases:
+  """Wall and CPU seconds of named calls."""
+
+  def __init__(self, log):
+    self.log, self.seconds = log, {}
+
+  def wrap(self, names, fn):
+    """fn, its k-th call timed as names[k]."""
+    names = iter(names)
+
+    def timed(*args, **kwargs):
+      name, t0, c0 = next(names), time.perf_counter(), time.process_time()
+      out = fn(*args, **kwargs)
+      self.seconds[name] = (time.perf_counter() - t0, time.process_time() - c0)
+      self.log(f"  {name}: {self.seconds[name][0]:.0f}s wall, {self.seconds[name][1]:.0f}s "
+               f"CPU (peak RSS {rss_gib():.2f} GiB)")
+      return out
+    return timed
 
 
 def main(argv):
   del argv
   log = lambda s: print(s, flush=True)
   mesh = mesh_lib.make_mesh()
-  peak = matmul_peak()
-  log(f"f32 matmul peak (4096^2, jit, full precision): {peak / 1e9:.0f} GFLOP/s; "
-      f"{mesh.devices.size} device(s), D = {FLAGS.dim}")
+  peak, cpu_peak = matmul_peak()
+  log(f"f32 matmul peak (4096^2, jit, full precision): {peak / 1e9:.0f} GFLOP/s, "
+      f"{cpu_peak / 1e9:.0f} GFLOP per CPU second; {mesh.devices.size} device(s), "
+      f"D = {FLAGS.dim}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
   with tempfile.TemporaryDirectory(prefix="eval_scale_") as scratch:
     data_dir = FLAGS.data_dir or scratch
     if os.path.exists(os.path.join(data_dir, records.METADATA_FILE)):
@@ -170,31 +181,44 @@ def main(argv):
     t0 = time.perf_counter()
     evaluator = retrieval.RetrievalEvaluator(config, Planted(USERS, FLAGS.dim), data_dir,
                                              meta, mesh)
-    init = time.perf_counter() - t0
-    log(f"evaluator built in {init:.0f}s (peak RSS {rss_gib():.2f} GiB)")
+    log(f"evaluator built (once per run) in {time.perf_counter() - t0:.0f}s "
+        f"(peak RSS {rss_gib():.2f} GiB)")
     keys = jax.random.split(jax.random.key(0), 2)
     users = jax.random.normal(keys[0], (USERS, FLAGS.dim))
     params = {"users": users / jnp.linalg.norm(users, axis=1, keepdims=True),
               "noise": jax.random.normal(keys[1], (NOISE_ROWS, FLAGS.dim))
                        * FLAGS.noise / np.sqrt(3 * FLAGS.dim)}
-    phases = {}
-    evaluator._embed_split = timed(log, phases, "embed", evaluator._embed_split)
-    evaluator.ranker.both = timed(log, phases, "rank", evaluator.ranker.both)
-    t0 = time.perf_counter()
+    phases = Phases(log)
+    evaluator._embed_split = phases.wrap(["embed the split"], evaluator._embed_split)
+    evaluator.ranker.both = phases.wrap(
+        ["rank text x user", "rank image x user", "rank caption x image"], evaluator.ranker.both)
+    t0, c0 = time.perf_counter(), time.process_time()
     results = evaluator.run({"params": params})
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   log(retrieval.format_table(results))
-  peak = max(peak, matmul_peak())            # the CPU is noisy: the better of two readings
-  sizes = [(results["text->user"]["queries"], USERS),
-           (results["image->user"]["queries"], USERS),
-           (results["text->image"]["queries"], results["text->image"]["candidates"])]
-  bound = sum(2.0 * q * c * FLAGS.dim for q, c in sizes) / peak
-  log(f"phases: {', '.join(f'{k} {v:.0f}s' for k, v in phases.items())}, other "
-      f"{wall - sum(phases.values()):.0f}s (evaluator built once in {init:.0f}s)")
-  log(f"run: {wall:.0f}s for all seven tasks, {wall / bound:.2f}x the FLOP lower bound "
-      f"({bound:.0f}s: 2QCD for text x user {sizes[0][0]:,} x {USERS:,}, image x user "
-      f"{sizes[1][0]:,} x {USERS:,}, caption x image {sizes[2][0]:,} x {sizes[2][1]:,} "
-      f"at {peak / 1e9:.0f} GFLOP/s); peak RSS {rss_gib():.2f} GiB")
+  again = matmul_peak()                      # the CPU is noisy: the better of two readings
+  peak, cpu_peak = max(peak, again[0]), max(cpu_peak, again[1])
+  sizes = {"text x user": (results["text->user"]["queries"], USERS),
+           "image x user": (results["image->user"]["queries"], USERS),
+           "caption x image": (results["text->image"]["queries"],
+                               results["text->image"]["candidates"])}
+  flops = {k: 2.0 * q * c * FLAGS.dim for k, (q, c) in sizes.items()}
+  log(f"{'phase':<22} {'wall s':>8} {'CPU s':>8} {'bound s':>8} {'wall/bound':>10} "
+      f"{'CPU/CPU bound':>13}")
+  for name, (w, c) in phases.seconds.items():
+    f = flops.get(name.removeprefix("rank "), 0.0)
+    log(f"{name:<22} {w:>8.1f} {c:>8.1f} {f / peak:>8.1f}"
+        + (f" {w * peak / f:>10.2f} {c * cpu_peak / f:>13.2f}" if f else ""))
+  log(f"{'other':<22} {wall - sum(w for w, _ in phases.seconds.values()):>8.1f} "
+      f"{cpu - sum(c for _, c in phases.seconds.values()):>8.1f}")
+  total = sum(flops.values())
+  log(f"run: all seven tasks in {wall:.0f}s wall ({cpu:.0f}s CPU): {wall * peak / total:.2f}x "
+      f"the FLOP lower bound ({total / peak:.0f}s: 2QCD of the text x user "
+      f"{sizes['text x user'][0]:,} x {USERS:,}, image x user {sizes['image x user'][0]:,} x "
+      f"{USERS:,} and caption x image {' x '.join(f'{n:,}' for n in sizes['caption x image'])} "
+      f"scores at {peak / 1e9:.0f} GFLOP/s), {cpu * cpu_peak / total:.2f}x in CPU time "
+      f"({cpu_peak / 1e9:.0f} GFLOP per CPU second); peak RSS {rss_gib():.2f} GiB; "
+      f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

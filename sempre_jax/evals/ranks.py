@@ -200,8 +200,6 @@ def _ground_truth_mask(gt, start, size):
   return jnp.zeros((gt.shape[0], size), bool).at[rows, local].set(True, mode="drop")
 
 
-
-
 def _best_of(scores: np.ndarray, offsets: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
   """Per CSR row of float32 `scores`: (the best score, the scores >= best - tol);
   (+inf, 0) for an empty row. float32 arithmetic, as on the devices."""
