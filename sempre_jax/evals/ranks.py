@@ -55,6 +55,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import gammaln
 
+from input_pipeline import progress
 from sempre_jax import mesh as mesh_lib
 
 TIE_TOLERANCE = 1e-5
@@ -283,6 +284,8 @@ class ExactRanker:
     padding = cands.shape[0] - num
     cand_best = put(np.pad(cand_best, (0, padding), constant_values=np.inf), P(AXIS))
     cand_counts = [put(np.zeros(cands.shape[0], np.int32), P(AXIS))] * 2
+    bar = progress.bar(len(gts), f"ranking {len(gts):,} x {num:,} both ways", "queries",
+                       delay=10, disable=jax.process_index() > 0)
     num, above, tied = put(np.int32(num)), [], []
     for start, stop, block, gt in self._blocks(queries, gts):
       block_best = np.pad(best[start:stop], (0, self.query_chunk - (stop - start)))
@@ -291,6 +294,8 @@ class ExactRanker:
       a, t = mesh_lib.to_host((a, t))
       above.append(a[:stop - start])
       tied.append(t[:stop - start])
+      bar.update(stop - start)
+    bar.close()
     cand_above, cand_tied = (multihost_utils.process_allgather(c, tiled=True)[:len(cand_tied_gts)]
                              for c in cand_counts)
     return (Ranks.of(np.concatenate(above), np.concatenate(tied), tied_gts),

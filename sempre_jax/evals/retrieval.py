@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import gammaln
 
-from input_pipeline import loader, oracle as planted
+from input_pipeline import loader, oracle as planted, progress
 from sempre_jax import mesh as mesh_lib
 from sempre_jax.evals import ranks
 from sempre_jax.models import du2mce, encoders
@@ -321,6 +321,8 @@ class RetrievalEvaluator:
     batch into float32 files in `directory`."""
     paths = [os.path.join(directory, f"{kind}.f32") for kind in ("texts", "images")]
     n = 0
+    bar = progress.bar(len(self.first_image_post), f"embedding the {self.split} split", "posts",
+                       delay=10, disable=jax.process_index() > 0)
     with open(paths[0], "wb") as texts, open(paths[1], "wb") as images:
       for batch in loader.eval_batches(self.data_dir, self.metadata, self.split,
                                        self.config.batch_size, self.model.image_input):
@@ -329,6 +331,8 @@ class RetrievalEvaluator:
         n += len(batch["user"])
         texts.write(_host(embed("text", batch["tokens"][t], batch["text_mask"][t])).tobytes())
         images.write(_host(embed("image", batch[self.image_key][i])).tobytes())
+        bar.update(len(batch["user"]))
+    bar.close()
     return RowFile(paths[0], self.model.embed_dim), RowFile(paths[1], self.model.embed_dim)
 
   def _average_users(self, embed: "Embedder", kind: str) -> jax.Array:
