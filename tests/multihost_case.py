@@ -64,8 +64,8 @@ def rank_case() -> tuple[np.ndarray, np.ndarray, ranks.GroundTruth]:
 def global_ranks() -> np.ndarray:
   """rank_case ranked on every device of the job: [3, Q] above, tied, tied_gts."""
   queries, cands, gts = rank_case()
-  return rank_counts(ranks.ExactRanker(mesh_lib.make_mesh(), cands, query_chunk=16,
-                                       candidate_chunk=4)(queries, gts))
+  return rank_counts(ranks.ExactRanker(mesh_lib.make_mesh(), query_chunk=16,
+                                       candidate_chunk=4)(queries, cands, gts))
 
 
 def rank_counts(r: ranks.Ranks) -> np.ndarray:

@@ -51,14 +51,38 @@ def test_ranks_with_ties_and_several_ground_truths_match_argsort(num_devices):
   q, c, lists = tied_case(0)
   scores = q.astype(np.float64) @ c.T.astype(np.float64)
   expected = argsort_rank(scores, lists)
-  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=8,
-                             candidate_chunk=4)
-  got = ranker(q, ranks.GroundTruth.from_lists(lists))
+  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), query_chunk=8, candidate_chunk=4)
+  got = ranker(q, c, ranks.GroundTruth.from_lists(lists))
   np.testing.assert_allclose(got.rank, expected, atol=0.2)
   assert (got.rank != np.round(got.rank)).any()         # ties were really there
   # The explicit-score path agrees exactly.
   assert_same_ranks(
       ranks.ranks_from_scores(scores, ranks.GroundTruth.from_lists(lists), chunk=5), got)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_candidates_ranked_among_the_queries(num_devices):
+  """`both`'s second half is the transposed score matrix ranked with the
+  transposed ground truths (a candidate's: the queries that have it as one);
+  candidates that are no query's ground truth get zeros. Device arrays as
+  candidates, one ranker for two candidate sets."""
+  if jax.device_count() < num_devices:
+    pytest.skip(f"needs {num_devices} devices")
+  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), query_chunk=8, candidate_chunk=4)
+  for seed in (5, 6):
+    q, c, lists = tied_case(seed)
+    scores = q.astype(np.float64) @ c.T.astype(np.float64)
+    gts = ranks.GroundTruth.from_lists(lists)
+    queries, candidates = ranker.both(q, jax.numpy.asarray(c), gts)
+    assert_same_ranks(queries, ranks.ranks_from_scores(scores, gts))
+    owners = [[i for i, gt in enumerate(lists) if j in gt] for j in range(len(c))]
+    some = np.array([j for j, o in enumerate(owners) if o])
+    assert 0 < len(some) < len(c) and max(map(len, owners)) > 1
+    assert_same_ranks(candidates[some], ranks.ranks_from_scores(
+        scores.T[some], ranks.GroundTruth.from_lists([owners[j] for j in some])))
+    none = np.setdiff1d(np.arange(len(c)), some)
+    assert not np.concatenate([candidates.above[none], candidates.tied[none],
+                               candidates.tied_gts[none]]).any()
 
 
 @pytest.mark.parametrize("num_devices", [1, 4])
@@ -73,9 +97,8 @@ def test_ranks_without_ties_are_argsort_positions(num_devices):
   lists = [rng.choice(45, rng.integers(1, 3), replace=False) for _ in range(70)]
   scores = q.astype(np.float64) @ c.T.astype(np.float64)
   expected = [1 + min(list(np.argsort(-s)).index(g) for g in gt) for s, gt in zip(scores, lists)]
-  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=32,
-                             candidate_chunk=8)
-  got = ranker(q, ranks.GroundTruth.from_lists(lists))
+  ranker = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), query_chunk=32, candidate_chunk=8)
+  got = ranker(q, c, ranks.GroundTruth.from_lists(lists))
   np.testing.assert_array_equal(got.rank, expected)
   for k in (1, 3, 10):                                  # without ties R@K is 0 or 1
     np.testing.assert_array_equal(got.recall_at(k), np.array(expected) <= k)
@@ -88,8 +111,8 @@ def test_many_ground_truths_per_query():
   c = rng.integers(-3, 4, [300, 5]).astype(np.float32)
   lists = [rng.choice(300, rng.integers(40, 61), replace=False) for _ in range(9)]
   scores = q.astype(np.float64) @ c.T.astype(np.float64)
-  got = ranks.ExactRanker(mesh_lib.make_mesh(), c, candidate_chunk=32)(
-      q, ranks.GroundTruth.from_lists(lists))
+  got = ranks.ExactRanker(mesh_lib.make_mesh(), candidate_chunk=32)(
+      q, c, ranks.GroundTruth.from_lists(lists))
   np.testing.assert_allclose(got.rank, argsort_rank(scores, lists), atol=0.2)
 
 
@@ -106,8 +129,8 @@ def test_recall_at_k_is_the_expectation_under_random_tie_breaking(num_devices):
   gts = ranks.GroundTruth.from_lists(lists)
   scores = q.astype(np.float64) @ c.T.astype(np.float64)
   positions = argsort_positions(scores, lists, trials=4000, seed=1)
-  got = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), c, query_chunk=16,
-                          candidate_chunk=8)(q, gts)
+  got = ranks.ExactRanker(mesh_lib.make_mesh(num_devices), query_chunk=16,
+                          candidate_chunk=8)(q, c, gts)
   assert_same_ranks(got, ranks.ranks_from_scores(scores, gts))
   assert np.median(got.tied) >= 15 and (got.tied_gts > 1).any()
   for k in (1, 5, 10, 30):
@@ -142,5 +165,5 @@ def test_ground_truth_layout():
                                 [[3, 4], [-1, -1], [1, 7], [-1, -1]])
   np.testing.assert_array_equal(gts.counts(1, 3), [0, 2])
   with pytest.raises(ValueError, match="at least one ground truth"):
-    ranks.ExactRanker(mesh_lib.make_mesh(1), np.eye(8, dtype=np.float32))(
-        np.eye(4, 8, dtype=np.float32), gts)
+    ranks.ExactRanker(mesh_lib.make_mesh(1))(
+        np.eye(4, 8, dtype=np.float32), np.eye(8, dtype=np.float32), gts)
