@@ -11,14 +11,27 @@ No images: the text-user pair only (the "tu" variant); image_input is
 "features" with feature_dim 0 (an image tower without parameters, no pixel
 CNN). Word and user tables start from the data's 300-d Word2Vec; validation
 every epoch keeps the best checkpoint.
+
+Variant "track": the user-interest evaluator (the paper's Table 3, a linear
+SVM per newsgroup on the user vectors, beside Avg-Text) every epoch on both
+the tower's output and its table row, not used for selection
+(docs/real_data.md).
 """
 
 from configs import du2mce, du2mce_tweets
 
+INTERESTS = {"type": "interests", "split": "train", "folds": 5, "seed": 0,
+             "batch_size": 1000, "user_vectors": "output"}
 
-def get_config():
+
+def get_config(variant: str = ""):
+  if variant not in ("", "track"):
+    raise ValueError(f"unknown newsgroups variant {variant!r}; one of '', 'track'")
   config = du2mce_tweets.get_config()
   config.update_from_flattened_dict(du2mce.VARIANTS["tu"])
   config.model.image_input = "features"
   config.evals.val.every_steps = 48
+  if variant == "track":
+    config.evals.interests_output = {**INTERESTS, "every_steps": 48}
+    config.evals.interests_table = {**INTERESTS, "every_steps": 48, "user_vectors": "table"}
   return config

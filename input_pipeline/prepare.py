@@ -126,6 +126,8 @@ class Options:
   test_fraction: float = 0.2
   validation_fraction: float = 0.02
   held_out_authors: str = "in_train"  # or "any": no author rule (counted in the report)
+  split_by: str = "groups"            # fractions of groups, or "size": of the images
+                                      # (image groups) and posts (text-only groups)
   min_held_out_known: float = 0.5   # held-out groups: min. share of posts whose
                                     # author posts in another group (else train)
   min_count: int = 5
@@ -474,18 +476,26 @@ def assign_splits(groups: np.ndarray, image: np.ndarray, user: np.ndarray,
   with_image = np.bincount(groups, weights=image >= 0, minlength=num_groups) > 0
   fractions = {"test": options.test_fraction, "validation": options.validation_fraction}
   assignment = np.full(n, "train", dtype=object)
+  if options.split_by not in ("groups", "size"):
+    raise ValueError(f"split_by must be 'groups' or 'size', got {options.split_by!r}")
   if given is not None:
     assignment[:] = given
-  for k, has_image in enumerate((True, False) if given is None else ()):
-    sel = eligible[groups] & (with_image[groups] == has_image)   # images first
+  uniq, first = np.unique(image, return_index=True)
+  first_of_image = np.zeros(n, bool)   # the size of an image group: its distinct images
+  first_of_image[first[uniq >= 0]] = True
+  for k, has_image in enumerate((True, False) if given is None else ()):   # images first
+    sel = eligible[groups] & (with_image[groups] == has_image)
+    sizes = None if options.split_by == "groups" else (
+        first_of_image[sel] if has_image else np.ones(int(sel.sum())))
     if sel.any():
-      assignment[sel] = splits.split_by_group(groups[sel], fractions, options.seed + k)
+      assignment[sel] = splits.split_by_group(groups[sel], fractions, options.seed + k,
+                                              sizes)
   in_train = np.zeros(int(user.max(initial=-1)) + 1, bool)
   in_train[user[(assignment == "train") | (False if known is None else known)]] = True
   dropped = ((assignment != "train") & ~in_train[user] & (options.held_out_authors != "any")
              & (given is None))
-  stats = {"split_field": options.split_field, "groups": num_groups,
-           "groups_with_images": int(with_image.sum()),
+  stats = {"split_field": options.split_field, "split_by": options.split_by,
+           "groups": num_groups, "groups_with_images": int(with_image.sum()),
            "groups_kept_in_train_authors_post_nowhere_else": int((~eligible).sum()),
            "posts_in_those_groups": int(size[~eligible].sum()),
            "held_out_authors": options.held_out_authors,
@@ -658,6 +668,8 @@ def check_inputs(posts_path: str, options: Options) -> None:
   if min(options.test_fraction, options.validation_fraction) < 0 or held_out >= 1:
     raise PrepareError(f"--test_fraction={options.test_fraction} and --validation_fraction="
                        f"{options.validation_fraction} must be >= 0 and sum to less than 1")
+  if options.split_by not in ("groups", "size"):
+    raise PrepareError(f"--split_by must be groups or size, got {options.split_by!r}")
   if options.held_out_authors not in ("in_train", "any"):
     raise PrepareError(f"--held_out_authors must be in_train or any, "
                        f"got {options.held_out_authors!r}")

@@ -1,7 +1,7 @@
 """User-interest prediction (the paper's Table 3) from a workdir's checkpoint.
 
   python launch/interests.py --workdir=runs/du2mce [--checkpoint=best|latest|STEP] \
-      [--folds=5]
+      [--folds=5] [--user_vectors=output|table]
 
 Prints the cross-validated F1 of a linear SVM per interest on the user
 embeddings, beside the averaged word-vector (and image-feature) baselines,
@@ -21,13 +21,17 @@ from sempre_jax.analysis import workdir
 
 cli.define_checkpoint_flags()
 flags.DEFINE_integer("folds", 5, "Cross-validation folds (stratified, shuffled, seed 0).")
+flags.DEFINE_enum("user_vectors", "output", ["output", "table"], "The model's user "
+                  "features: the user tower's normalised output, or its table row.")
 FLAGS = flags.FLAGS
 
 
 def main():
   evaluator, results, step = workdir.run_evaluator(
-      FLAGS.workdir, FLAGS.checkpoint, {"type": "interests", "folds": FLAGS.folds})
-  path = os.path.join(FLAGS.workdir, f"interests_step{step}.json")
+      FLAGS.workdir, FLAGS.checkpoint,
+      {"type": "interests", "folds": FLAGS.folds, "user_vectors": FLAGS.user_vectors})
+  suffix = "" if FLAGS.user_vectors == "output" else f"_{FLAGS.user_vectors}"
+  path = os.path.join(FLAGS.workdir, f"interests_step{step}{suffix}.json")
   with open(path, "w") as f:
     json.dump({**results, "workdir": os.path.abspath(FLAGS.workdir), "step": step}, f,
               indent=1)

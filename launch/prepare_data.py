@@ -45,6 +45,10 @@ flags.DEFINE_float("test_fraction", _D.test_fraction, "Fraction of groups held o
 flags.DEFINE_float("validation_fraction", _D.validation_fraction, "... for validation.")
 flags.DEFINE_enum("held_out_authors", _D.held_out_authors, ["in_train", "any"],
                   "in_train: every held-out author has a training post (the paper).")
+flags.DEFINE_enum("split_by", _D.split_by, ["groups", "size"],
+                  "groups: the fractions are shares of the groups; size: shares of the "
+                  "images (image groups) and posts (text-only groups), a group larger "
+                  "than a share staying in train (small corpora, giant groups).")
 flags.DEFINE_float("min_held_out_known", _D.min_held_out_known,
                    "Held-out groups: min. share of posts whose author posts elsewhere.")
 flags.DEFINE_integer("min_count", _D.min_count, "Vocabulary: min. training occurrences.")

@@ -10,7 +10,10 @@ for every feature set.
 
 Feature sets, compared on the same users (those with a training post), folds
 and classifier:
-  model      the user tower of a checkpoint [U, D];
+  model      the user tower of a checkpoint: `user_vectors` "output" (default),
+             its L2-normalised output in the common space [U, D], or "table",
+             the user's row of the tower's embedding table [U, user_dim]
+             (before the projection; DU2MCE);
   avg-text   the mean word vector of the user's training posts (the paper's
              baseline): the data's word2vec_init.npz "users" table, else
              Word2Vec trained here on the training texts;
@@ -42,6 +45,7 @@ from input_pipeline import loader, records, word2vec
 from sempre_jax.evals import retrieval
 
 CHANCE = "chance"
+USER_VECTORS = ("output", "table")   # the model's user features: tower output, table row
 
 
 # ------------------------------------------------------------------ labels --
@@ -180,10 +184,17 @@ class Interests:
     self.baselines = interest_f1({k: v[self.users] for k, v in baselines.items()}, labels,
                                  self.member, self.folds, self.seed)
     self.embedder = retrieval.Embedder(exp.module, config.get("batch_size", 1000), mesh)
+    self.user_vectors = config.get("user_vectors", "output")
+    if self.user_vectors not in USER_VECTORS:
+      raise ValueError(f"interests: user_vectors must be one of {USER_VECTORS}, "
+                       f"got {self.user_vectors!r}")
 
   def run(self, variables) -> dict:
-    users = np.asarray(self.embedder(variables["params"], "user",
-                                     self.users.astype(np.int32)))
+    if self.user_vectors == "table":
+      users = np.asarray(variables["params"]["user"]["user_embed"]["embedding"])[self.users]
+    else:
+      users = np.asarray(self.embedder(variables["params"], "user",
+                                       self.users.astype(np.int32)))
     model = interest_f1({"model": users}, self.labels, self.member, self.folds, self.seed)
     results = {**self.baselines, "features": ["model", *self.baselines["features"]],
                "macro_f1": {**model["macro_f1"], **self.baselines["macro_f1"]},
