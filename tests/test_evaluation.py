@@ -104,7 +104,7 @@ def experiment(tmp_path_factory):
   config.evals.test.update(batch_size=16, query_chunk=16, candidate_chunk=4)
   workdir = tmp_path_factory.mktemp("evaluation")
   exp = Experiment(config, *conftest.prepared(config, workdir), str(workdir))
-  batch = next(iter(exp.data.train_dataset(16, 0, 1)))
+  batch = exp.data.host_inputs(next(iter(exp.data.train_dataset(16, 0, 1))))
   return exp, [exp.init_variables(jax.random.key(seed), batch) for seed in (0, 1)]
 
 
@@ -170,13 +170,15 @@ def test_streamed_ranks_match_a_numpy_reference(tmp_path, num_devices):
   for i in range(70):
     image = int(rng.integers(-1, 12))
     posts.append(dict(post_id=f"p{i}", user=int(rng.integers(num_users)),
-                      tokens=rng.integers(2, vocab, rng.integers(0, 3)), image_id=image,
-                      image_features=pictures[image] if image >= 0 else None))
+                      tokens=rng.integers(2, vocab, rng.integers(0, 3)), image_id=image))
   train = [dict(post_id=f"t{i}", user=i % 4, tokens=[2]) for i in range(10)]
+  np.save(records.table_path(str(tmp_path), "image_features"), pictures)
   meta = {"num_users": num_users, "vocab_size": vocab, "max_len": records.MAX_LEN,
           "feature_dim": dim, "image_size": 0, "num_images": 12,
-          "splits": {"train": records.write_split(str(tmp_path), "train", train, 1),
-                     "test": records.write_split(str(tmp_path), "test", posts, 3)}}
+          "splits": {"train": records.write_split(str(tmp_path), "train",
+                                                  [records.rows_of(train)], 1),
+                     "test": records.write_split(str(tmp_path), "test",
+                                                 [records.rows_of(posts)], 3, block_posts=8)}}
   records.write_metadata(str(tmp_path), meta)
   config = ml_collections.ConfigDict(dict(
       du2mce.RETRIEVAL, split="test", batch_size=8, max_image_text_pairs=5, query_chunk=4,
@@ -186,8 +188,7 @@ def test_streamed_ranks_match_a_numpy_reference(tmp_path, num_devices):
                                            mesh_lib.make_mesh(num_devices))
   got = evaluator.model_ranks({"words": words, "users": codes})
 
-  # The tasks from the posts in file order (round-robin over 3 shards), by hand.
-  posts = [posts[i] for shard in range(3) for i in range(shard, len(posts), 3)]
+  # The tasks from the posts in split order (blocks of 8 over 3 shards), by hand.
   texts = [p for p in posts if len(p["tokens"])]
   text_vec = np.array([words[p["tokens"]].sum(0) for p in texts], np.float64)
   image_ids = list(dict.fromkeys(p["image_id"] for p in posts if p["image_id"] >= 0))
