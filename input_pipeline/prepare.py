@@ -42,7 +42,7 @@ post's split, taken as given (no grouping, nothing dropped; other values are
 
 Interests: with `interest_field`, a user's interest labels are the values of
 that field over all their kept posts (every split), one line per user index
-in `interests.txt` (for sempre_jax.analysis.interests).
+in `interests.txt` (for sempre_jax.evals.interests).
 
 Interactions (for the recommendation models): `actions` (JSONL: user_id,
 post_id, optional timestamp and kind, e.g. "like") and `follows` (JSONL:

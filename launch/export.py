@@ -5,7 +5,7 @@
 
 Writes NPY + TSV (ids) + a FAISS index per shard of each modality, export.json,
 and TensorBoard projector files (`tensorboard --logdir OUT/projector`). In a
-multi-process job each process writes its own part (see sempre_jax/export.py).
+multi-process job each process writes its own part (see sempre_jax/analysis/export.py).
 """
 
 import jax

@@ -1,4 +1,4 @@
-"""AMNL (sempre_jax/amnl.py) against a NumPy implementation of the paper's equations."""
+"""AMNL (sempre_jax/models/amnl.py) against a NumPy implementation of the paper's equations."""
 
 import functools
 

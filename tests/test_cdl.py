@@ -1,4 +1,4 @@
-"""CDL (sempre_jax/cdl.py) against NumPy references written from the paper's equations."""
+"""CDL (sempre_jax/models/cdl.py) against NumPy references written from the paper's equations."""
 
 import functools
 import math

@@ -1,4 +1,4 @@
-"""D-Sempre (sempre_jax/dsempre.py) against a NumPy reference of Eq. 2-4."""
+"""D-Sempre (sempre_jax/models/dsempre.py) against a NumPy reference of Eq. 2-4."""
 
 import functools
 

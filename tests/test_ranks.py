@@ -1,4 +1,4 @@
-"""Exact ranks (sempre_jax/ranks.py) against brute-force argsort on 1 and 4 devices."""
+"""Exact ranks (sempre_jax/evals/ranks.py) against brute-force argsort on 1 and 4 devices."""
 
 import jax
 import numpy as np

@@ -10,11 +10,10 @@ k-means on the embeddings of the users with a training post; per cluster:
               tower's embeddings).
 `write_page` renders them as a folder that a browser opens without a server:
 index.html (relative paths), a word cloud PNG per cluster, the images as
-PNG/JPEG files from the records, and clusters.json with the same content.
+PNG files from the dataset's pixel table, and clusters.json with the same content.
 """
 
 import html
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -22,7 +21,6 @@ from collections.abc import Mapping
 import numpy as np
 import wordcloud
 from matplotlib import font_manager
-from PIL import Image
 from sklearn.cluster import KMeans
 
 from input_pipeline import records
@@ -88,11 +86,6 @@ def user_clusters(space: space_lib.Space, *, num_clusters: int = 50, top_words: 
           "clusters": clusters}
 
 
-def _picture_file(data: bytes, stem: str) -> str:
-  with Image.open(io.BytesIO(data)) as img:
-    return stem + (".jpg" if img.format == "JPEG" else ".png")
-
-
 def write_page(space: space_lib.Space, result: Mapping, out_dir: str, seed: int = 0) -> str:
   """Writes the clusters page, its pictures and clusters.json into out_dir;
   returns the page's path. Adds "word_cloud" and each image's "file" to the
@@ -113,7 +106,7 @@ def write_page(space: space_lib.Space, result: Mapping, out_dir: str, seed: int 
           dict(c["top_words"])).to_file(os.path.join(out_dir, c["word_cloud"]))
     for rank, image in enumerate(c["images"]):
       data = next(found)
-      image["file"] = data and _picture_file(data, f"{name}-image-{rank}")
+      image["file"] = data and f"{name}-image-{rank}.png"
       if data:
         with open(os.path.join(out_dir, image["file"]), "wb") as f:
           f.write(data)
@@ -122,8 +115,9 @@ def write_page(space: space_lib.Space, result: Mapping, out_dir: str, seed: int 
     json.dump(result, f, indent=1)
   pictures = any(i["file"] for c in clusters for i in c["images"])
   note = ("" if pictures else "<p class=note>" + (
-      "The records of this dataset hold no encoded pictures: the nearest images are "
-      "listed by id." if space.has_images else "This dataset has no images.") + "</p>")
+      "The nearest images have no pixels in this dataset (prepared with image "
+      "features only): they are listed by id." if space.has_images
+      else "This dataset has no images.") + "</p>")
   page = os.path.join(out_dir, PAGE_FILE)
   with open(page, "w", encoding="utf-8") as f:
     f.write(_PAGE.format(

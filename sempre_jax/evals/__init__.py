@@ -9,11 +9,14 @@ names any number of them in `config.evals`, each with its own settings:
   config.evals.test = {"type": "retrieval", "split": "test", "every_steps": 0, ...}
   config.best = "val"     # whose score selects the best checkpoint ("" none)
 
-During training each evaluator runs every `every_steps` steps (0: never);
-after training every evaluator runs once on the final state (the best
-checkpoint when `config.best` names one), its table printed and its results
-written to WORKDIR/eval_<name>.json. Evaluators are built once per run:
-their compiled functions serve every call.
+An evaluator with `every_steps` > 0 runs during training, every
+`every_steps` steps and at the last step (its score and results appended to
+WORKDIR/validation.jsonl and TensorBoard; `config.best` selects the best
+checkpoint by it), and not after training. One with `every_steps` 0 never
+runs during training: it runs once after training, on the best checkpoint
+when `config.best` names one (else the final state), its table printed and
+its results written to WORKDIR/eval_<name>.json. Evaluators are built once
+per run: their compiled functions serve every call.
 
   retrieval       exact ranks of the retrieval tasks (text->user, image->text,
                   image->user and the reverse directions), for "posts" models.
