@@ -15,7 +15,9 @@ through a view, a temporary dataset that holds
           left out (they have no trained row: no candidate, no query), unless
           cold start (analysis/coldstart.py) gives them a vector from their
           posts of the dataset's train split; users with a vector are then
-          candidates like the model's, renumbered after them.
+          candidates like the model's, renumbered after them;
+  tables  the image tables of both, the model's images first (the dataset's
+          image ids shifted after them).
 Every evaluator runs before anything is written: a failed command leaves the
 workdir as it was.
 """
@@ -27,7 +29,6 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline import loader, records
 from sempre_jax import evals, mesh as mesh_lib, train
@@ -67,43 +68,65 @@ def check(model_dir: str, model_meta: Mapping, data_dir: str, data_meta: Mapping
 
 
 def _filtered_split(data_dir: str, meta: Mapping, split: str, user_map: np.ndarray,
-                    num_known: int, out_dir: str) -> tuple[dict, dict]:
+                    num_known: int, image_offset: int, out_dir: str) -> tuple[dict, dict]:
   """Writes the posts of `split` whose author u has user_map[u] >= 0, as
-  author user_map[u], into out_dir; returns (split metadata, counts: users
-  >= num_known are unknown to the model)."""
-  reader = records.ShardReader(loader.split_paths(data_dir, meta, split))
+  author user_map[u] and with image ids shifted by `image_offset` (the view's
+  tables: the model's images first), into out_dir; returns (split metadata,
+  counts: users >= num_known are unknown to the model)."""
+  reader = loader.split_reader(data_dir, meta, split)
   counts = dict.fromkeys(("posts", "texts", "unknown_posts", "unknown_texts",
                           "left_out_posts", "left_out_texts"), 0)
   unknown_users = set()
 
-  def payloads():
-    for i in range(len(reader)):
-      example = tf_example_pb2.Example.FromString(reader[i])
-      feature = example.features.feature
-      user = feature["user"].int64_list.value[0]
-      has_text = any(feature["text_mask"].int64_list.value)
-      unknown = user >= num_known
-      counts["posts"] += 1
-      counts["texts"] += has_text
-      if unknown:
-        unknown_users.add(user)
-        counts["unknown_posts"] += 1
-        counts["unknown_texts"] += has_text
-      if user_map[user] < 0:
-        counts["left_out_posts"] += 1
-        counts["left_out_texts"] += has_text
-        continue
-      if user_map[user] != user:
-        feature["user"].int64_list.value[0] = int(user_map[user])
-        yield example.SerializeToString(deterministic=True)
-      else:
-        yield reader[i]
+  def blocks():
+    for j in range(reader.num_blocks):
+      rows, ids = reader.block(j)
+      has_text = (rows["tokens"] != records.PAD_ID).any(1)
+      unknown, kept = rows["user"] >= num_known, user_map[rows["user"]] >= 0
+      for key, sel in (("", np.ones(len(rows), bool)), ("unknown_", unknown),
+                       ("left_out_", ~kept)):
+        counts[key + "posts"] += int(sel.sum())
+        counts[key + "texts"] += int((has_text & sel).sum())
+      unknown_users.update(rows["user"][unknown].tolist())
+      out = rows[kept].copy()
+      out["user"] = user_map[out["user"]]
+      out["image_id"] = np.where(out["image_id"] >= 0, out["image_id"] + image_offset, -1)
+      yield out, [i for i, k in zip(ids, kept) if k]
+
   try:
-    split_meta = records.write_payloads(out_dir, split, payloads(), 1)
+    split_meta = records.write_split(out_dir, split, blocks(), 1, meta["splits"][split].get(
+        "block_posts", records.BLOCK_POSTS))
   finally:
     reader.close()
   counts["unknown_users"] = len(unknown_users)
   return split_meta, counts
+
+
+def _view_tables(model_dir: str, model_meta: Mapping, data_dir: str, data_meta: Mapping,
+                 out_dir: str) -> dict:
+  """Writes the view's image tables into out_dir, the model's images [0, n0)
+  then the dataset's [n0, n0 + n1) (the model's training split keeps its image
+  ids); returns the view's metadata entries for them."""
+  n0, n1 = model_meta.get("num_images", 0), data_meta.get("num_images", 0)
+  meta = {"num_images": n0 + n1, "feature_dim": model_meta.get("feature_dim", 0),
+          "image_size": 0}
+  for key in records.TABLE_FILES:
+    try:
+      parts = [records.read_table(d, m, key) for d, m in ((model_dir, model_meta),
+                                                          (data_dir, data_meta))]
+    except ValueError:        # no pixels on one side: a pixels model cannot rank it
+      continue
+    if not n1:
+      parts[1] = np.zeros((0, *parts[0].shape[1:]), parts[0].dtype)
+    if parts[0].shape[1:] != parts[1].shape[1:] or not parts[0].size + parts[1].size:
+      continue
+    table = np.lib.format.open_memmap(records.table_path(out_dir, key), "w+", parts[0].dtype,
+                                      (n0 + n1, *parts[0].shape[1:]))
+    table[:n0], table[n0:] = parts
+    table.flush()
+    if key == "image":
+      meta["image_size"] = model_meta["image_size"]
+  return meta
 
 
 def evaluate(workdir: str, data_dir: str, checkpoint: str = "best", cold_start: str = "none",
@@ -156,14 +179,16 @@ def evaluate(workdir: str, data_dir: str, checkpoint: str = "best", cold_start: 
     view_splits = {"train": model_train}
     for split in splits:
       view_splits[split], counts = _filtered_split(data_dir, data_meta, split, user_map,
-                                                   num_known, view)
+                                                   num_known, exp.metadata["num_images"],
+                                                   view)
       info[split] = {"data_dir": os.path.abspath(data_dir), "cold_start": cold_start,
                      **counts, "cold_start_users": {
                          m: sum(v == m for v in how.values()) for m in ("fold_in", "avg_text")}}
       if not view_splits[split]["num_posts"]:
         raise ValueError(f"every post of the {split} split of {data_dir} is by a user "
                          "unknown to the model: give them a vector with --cold_start=fold_in")
-    meta = {**exp.metadata, "num_users": num_known + len(new), "splits": view_splits}
+    meta = {**exp.metadata, **_view_tables(exp.data_dir, exp.metadata, data_dir, data_meta, view),
+            "num_users": num_known + len(new), "splits": view_splits}
     view_exp = Experiment(exp.config, view, meta, workdir)
     view_exp.module = module
     evaluators = {}
