@@ -100,19 +100,26 @@ def write_split(directory: str, scale: float, seed: int = 0) -> dict:
   first = with_image[np.unique(image_id[with_image], return_index=True)[1]]
   features = np.concatenate([user[first, None], noise[first] - TOKEN], 1).astype(np.float32)
 
-  def posts():
-    for i in range(len(image_id)):
-      yield dict(post_id=f"p{i}", user=int(user[i]), image_id=int(image_id[i]),
-                 tokens=[TOKEN + user[i], *noise[i]] if has_text[i] else [],
-                 image_features=features[image_id[i]] if image_id[i] >= 0 else None)
+  np.save(records.table_path(directory, "image_features"), features)   # row = image id
+
+  def posts(chunk: int = 1 << 16):
+    """The test posts as (POST rows, post ids), `chunk` at a time."""
+    for s in range(0, len(image_id), chunk):
+      i = np.arange(s, min(s + chunk, len(image_id)))
+      tokens = np.zeros([len(i), records.MAX_LEN], np.int64)
+      tokens[:, 0], tokens[:, 1:4] = TOKEN + user[i], noise[i]
+      tokens[~has_text[i]] = records.PAD_ID
+      yield (records.post_rows(user[i], image_id[i], np.zeros(len(i)), tokens),
+             [f"p{j}" for j in i])
 
   train_users = np.repeat(np.arange(USERS), rng.integers(0, 5, USERS))
-  train = (dict(post_id=f"t{i}", user=int(u), tokens=[TOKEN + u, TOKEN, TOKEN, TOKEN])
-           for i, u in enumerate(train_users))
+  train = records.rows_of([dict(post_id=f"t{i}", user=int(u),
+                                tokens=[TOKEN + u, TOKEN, TOKEN, TOKEN])
+                           for i, u in enumerate(train_users)])
   meta = {"num_users": USERS, "vocab_size": TOKEN + max(USERS, NOISE_ROWS),
           "max_len": records.MAX_LEN, "feature_dim": 4, "image_size": 0,
           "num_images": n_images,
-          "splits": {"train": records.write_split(directory, "train", train, 4),
+          "splits": {"train": records.write_split(directory, "train", [train], 4),
                      "test": records.write_split(directory, "test", posts(), 16)}}
   records.write_metadata(directory, meta)
   return meta
