@@ -211,14 +211,10 @@ def eval_batches(data_dir: str, metadata: Mapping, split: str, batch_size: int,
   keys = (["image_features"] if image_input else []) + (
       ["image"] if image_input == "pixels" and metadata.get("image_size") else [])
   tables = {k: records.read_table(data_dir, metadata, k) for k in keys}
-  rows, ids = np.zeros(0, records.POST), []
   try:
-    for j in range(reader.num_blocks):
-      block_rows, block_ids = reader.block(j)
-      rows, ids = np.concatenate([rows, block_rows]), ids + block_ids
-      while len(rows) >= batch_size or (j == reader.num_blocks - 1 and len(rows)):
-        yield _eval_batch(rows[:batch_size], ids[:batch_size], tables)
-        rows, ids = rows[batch_size:], ids[batch_size:]
+    blocks = (reader.block(j) for j in range(reader.num_blocks))
+    for rows, ids in records.rechunk(blocks, batch_size):
+      yield _eval_batch(rows, ids, tables)
   finally:
     reader.close()
 

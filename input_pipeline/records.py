@@ -40,7 +40,7 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import google_crc32c
 import numpy as np
@@ -143,6 +143,20 @@ def rows_of(posts: Sequence[Mapping]) -> tuple[np.ndarray, list[str]]:
   return rows, [p["post_id"] for p in posts]
 
 
+def rechunk(chunks: Iterable[tuple[np.ndarray, Sequence]],
+            size: int) -> Iterator[tuple[np.ndarray, list]]:
+  """(POST rows, post ids) chunks of any sizes -> the same posts in chunks of
+  `size` (the last one shorter)."""
+  rows, ids = np.zeros(0, POST), []
+  for more_rows, more_ids in chunks:
+    rows, ids = np.concatenate([rows, more_rows]), ids + list(more_ids)
+    while len(rows) >= size:
+      yield rows[:size], ids[:size]
+      rows, ids = rows[size:], ids[size:]
+  if len(rows):
+    yield rows, ids
+
+
 def encode_block(rows: np.ndarray, post_ids: Sequence[str]) -> bytes:
   """POST rows [n] and their post ids -> one record's payload."""
   ids = [str(p).encode("utf-8") for p in post_ids]
@@ -172,19 +186,8 @@ def write_split(directory: str, split: str, chunks: Iterable[tuple[np.ndarray, S
   names = [shard_name(split, i, num_shards) for i in range(num_shards)]
   files = [open(os.path.join(directory, n), "wb") for n in names]
   offsets, posts = [[] for _ in names], [0] * num_shards
-
-  def blocks():
-    rows, ids = np.zeros(0, POST), []
-    for more_rows, more_ids in chunks:
-      rows, ids = np.concatenate([rows, more_rows]), ids + list(more_ids)
-      while len(rows) >= block_posts:
-        yield rows[:block_posts], ids[:block_posts]
-        rows, ids = rows[block_posts:], ids[block_posts:]
-    if len(rows):
-      yield rows, ids
-
   try:
-    for j, (rows, ids) in enumerate(blocks()):
+    for j, (rows, ids) in enumerate(rechunk(chunks, block_posts)):
       f = files[j % num_shards]
       offsets[j % num_shards].append(f.tell())
       f.write(frame(encode_block(rows, ids)))
