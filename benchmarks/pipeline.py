@@ -52,8 +52,7 @@ def write_split(directory: str, n: int, feature_dim: int, block_posts: int,
                            1_400_000_000 + np.arange(n), rng.integers(2, 20_000, [n, 20]))
   split = records.write_split(directory, "train", [(rows, [f"p{i}" for i in range(n)])], 4,
                               block_posts)
-  table = np.lib.format.open_memmap(records.table_path(directory, "image_features"), "w+",
-                                    np.float32, (num_images, feature_dim))
+  table = records.new_table(directory, "image_features", (num_images, feature_dim), np.float32)
   table[:] = rng.standard_normal(table.shape, np.float32)
   table.flush()
   meta = {"num_users": 40_000, "vocab_size": 20_000, "feature_dim": feature_dim,

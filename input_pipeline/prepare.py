@@ -521,11 +521,6 @@ def _pixels_chunk(args) -> np.ndarray:
   return out
 
 
-def _table(out_dir: str, key: str, shape: tuple, dtype) -> np.ndarray:
-  """A new image table file of the dataset, memory-mapped for writing."""
-  return np.lib.format.open_memmap(records.table_path(out_dir, key), "w+", dtype, shape)
-
-
 class _Sentences:
   """Restartable iterable of the training texts as lists of vocabulary words."""
 
@@ -899,12 +894,14 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
     without_pixels = sum(p is None for p in paths)
     image_size = options.image_size if len(image_ids) > without_pixels else 0
     if feature_dim and len(image_ids):
-      table = _table(out_dir, "image_features", (len(image_ids), feature_dim), np.float32)
+      table = records.new_table(out_dir, "image_features", (len(image_ids), feature_dim),
+                                np.float32)
       for row, j in enumerate(image_ids):
         table[row] = _features_file(options.image_features)[fkeys[j]]
       table.flush()
     if image_size:
-      table = _table(out_dir, "image", (len(image_ids), image_size, image_size, 3), np.uint8)
+      table = records.new_table(out_dir, "image", (len(image_ids), image_size, image_size, 3),
+                                np.uint8)
       bar = progress.bar(len(paths), "pass 2 (image pixels)", "images", delay=2)
       step = options.chunk_lines
       chunks = (((paths[s:s + step], options), s) for s in range(0, len(paths), step))

@@ -201,6 +201,12 @@ def write_split(directory: str, split: str, chunks: Iterable[tuple[np.ndarray, S
           "block_posts": block_posts, "num_blocks": sum(map(len, offsets))}
 
 
+def new_table(directory: str, key: str, shape: tuple, dtype) -> np.ndarray:
+  """A new image table file of batch key `key`, memory-mapped for writing
+  (read back with read_table)."""
+  return np.lib.format.open_memmap(table_path(directory, key), "w+", dtype, shape)
+
+
 def write_metadata(directory: str, metadata: Mapping) -> None:
   with open(os.path.join(directory, METADATA_FILE), "w") as f:
     json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=1)

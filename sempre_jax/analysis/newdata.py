@@ -120,8 +120,7 @@ def _view_tables(model_dir: str, model_meta: Mapping, data_dir: str, data_meta: 
       parts[1] = np.zeros((0, *parts[0].shape[1:]), parts[0].dtype)
     if parts[0].shape[1:] != parts[1].shape[1:] or not parts[0].size + parts[1].size:
       continue
-    table = np.lib.format.open_memmap(records.table_path(out_dir, key), "w+", parts[0].dtype,
-                                      (n0 + n1, *parts[0].shape[1:]))
+    table = records.new_table(out_dir, key, (n0 + n1, *parts[0].shape[1:]), parts[0].dtype)
     table[:n0], table[n0:] = parts
     table.flush()
     if key == "image":
