@@ -913,10 +913,10 @@ def prepare(posts_path: str, out_dir: str, options: Options = Options(),
 
     lengths_kept = np.minimum(lengths, records.MAX_LEN)[:, None]
     token_or_pad = np.append(tokens, records.PAD_ID)     # index -1: padding
+    at = np.arange(records.MAX_LEN)
     def chunks(members):
       for s in range(0, len(members), options.chunk_lines):
         m = members[s:s + options.chunk_lines]
-        at = np.arange(records.MAX_LEN)
         yield records.post_rows(
             user_of[posts["user"][m]], image_of[image[m]], posts["timestamp"][m],
             token_or_pad[np.where(at < lengths_kept[m], indptr[m][:, None] + at, -1)]), \
