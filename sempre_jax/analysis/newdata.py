@@ -94,8 +94,7 @@ def _filtered_split(data_dir: str, meta: Mapping, split: str, user_map: np.ndarr
       yield out, [i for i, k in zip(ids, kept) if k]
 
   try:
-    split_meta = records.write_split(out_dir, split, blocks(), 1, meta["splits"][split].get(
-        "block_posts", records.BLOCK_POSTS))
+    split_meta = records.write_split(out_dir, split, blocks(), 1, reader.block_posts)
   finally:
     reader.close()
   counts["unknown_users"] = len(unknown_users)
