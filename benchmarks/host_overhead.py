@@ -28,7 +28,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
 from jax._src import array as jax_array
 from jax.sharding import NamedSharding, PartitionSpec as P

@@ -1,7 +1,6 @@
 """Training streams (post-level shuffle, epochs, any number of processes, exact
 resume), the rows' unpacking and image gather, evaluation batches."""
 
-import collections
 import os
 import shutil
 
