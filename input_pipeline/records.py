@@ -157,9 +157,10 @@ def rechunk(chunks: Iterable[tuple[np.ndarray, Sequence]],
     yield rows, ids
 
 
-def encode_block(rows: np.ndarray, post_ids: Sequence[str]) -> bytes:
-  """POST rows [n] and their post ids -> one record's payload."""
-  ids = [str(p).encode("utf-8") for p in post_ids]
+def encode_block(rows: np.ndarray, post_ids: Sequence[str | bytes]) -> bytes:
+  """POST rows [n] and their post ids (str, or UTF-8 bytes as SplitReader.block
+  gives them) -> one record's payload."""
+  ids = [p if isinstance(p, bytes) else str(p).encode("utf-8") for p in post_ids]
   ends = np.cumsum([0] + [len(i) for i in ids], dtype="<i4")[1:]
   return (_BLOCK.pack(len(rows), int(ends[-1]) if len(ids) else 0)
           + np.ascontiguousarray(rows, POST).tobytes() + ends.tobytes() + b"".join(ids))

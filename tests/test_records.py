@@ -66,6 +66,17 @@ def test_blocks_hold_the_posts_in_split_order(tmp_path):
   assert records.POST.itemsize == 4 * records.ROW_INTS == 104
 
 
+def test_blocks_read_back_are_written_again_with_the_same_ids(tmp_path):
+  # evaluate --data rewrites a split from SplitReader.block (ids as UTF-8 bytes).
+  posts = _posts(5)
+  meta = _split(tmp_path, posts)
+  reader = records.SplitReader(str(tmp_path), meta)
+  again = records.write_split(str(tmp_path), "again",
+                              [reader.block(j) for j in range(reader.num_blocks)], 1)
+  copy = records.SplitReader(str(tmp_path), again)
+  assert copy.block(0)[1] == [p["post_id"].encode() for p in posts]
+
+
 def test_text_hash_ignores_padding_and_separates_texts():
   assert records.text_hash([3, 4]) == records.text_hash(records.pad_tokens([3, 4]))
   assert records.text_hash([3, 4]) != records.text_hash([4, 3])
