@@ -101,7 +101,9 @@ def selected_validation(workdir: str):
   lines = [x for x in lines if x["evaluator"] == "val"]
   if not lines:
     return None
-  best = min(lines, key=lambda x: (x["score"], x["step"]))["results"]["image->text"]
+  # The step the trainer selects (checkpoints.Checkpoints.best_step): the lowest
+  # score, the later of equal ones.
+  best = min(lines, key=lambda x: (x["score"], -x["step"]))["results"]["image->text"]
   return best["median_rank"], best["random_median_rank"]
 
 
