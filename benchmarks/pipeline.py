@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from input_pipeline import loader, records
-from sempre_jax import mesh as mesh_lib, train
+from sempre_jax import data, mesh as mesh_lib, train
 
 flags.DEFINE_integer("posts", 131_072, "Train posts written.")
 flags.DEFINE_list("batch_sizes", ["1000", "4096"], "Per-process batch sizes to time.")
@@ -81,7 +81,7 @@ def main(argv):
     written = time.perf_counter() - t
     t = time.perf_counter()
     table = records.read_table(d, meta, "image_features")
-    placed, spec = mesh_lib.put_table(mesh, table, 2048 << 20)
+    placed, spec = mesh_lib.put_table(mesh, table, data.REPLICATED_TABLE_MIB << 20)
     jax.block_until_ready(placed)
     placing = time.perf_counter() - t
     shard_bytes = os.path.getsize(os.path.join(d, meta["splits"]["train"]["shards"][0]))
