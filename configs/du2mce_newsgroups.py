@@ -1,5 +1,5 @@
 """DU2MCE for the 20 Newsgroups posts on a 2-core CPU (text only), with the
-tweets config's sizing (D = 256, batch 200, 6 epochs).
+tweets config's text filters and batch (200), D = 256 and 6 epochs.
 
   python launch/prepare_data.py --posts=../shared/data/newsgroups20/posts.jsonl \\
       --out=runs/newsgroups_data --text_fields=subject,text --interest_field=group
@@ -28,6 +28,9 @@ def get_config(variant: str = ""):
   if variant not in ("", "track"):
     raise ValueError(f"unknown newsgroups variant {variant!r}; one of '', 'track'")
   config = du2mce_tweets.get_config()
+  config.model.embed_dim = 256
+  config.num_epochs = 6
+  config.lr_decay_epochs = 4
   config.update_from_flattened_dict(du2mce.VARIANTS["tu"])
   config.model.image_input = "features"
   config.evals.val.every_steps = 48

@@ -1,4 +1,5 @@
-"""DU2MCE sized for the MediaEval 2016 tweets on a 2-core CPU (smaller towers).
+"""DU2MCE sized for the MediaEval 2016 tweets on a 2-core CPU (smaller text filters
+and batch, 10 epochs).
 
   python launch/prepare_data.py --posts=../shared/data/mediaeval2016/posts.jsonl \\
       --out=runs/tweets_data --held_out_authors=any --seed=3 --split_by=size \\
@@ -28,11 +29,11 @@ def get_config(variant: str = "features"):
   if variant not in VARIANTS:
     raise ValueError(f"unknown tweets variant {variant!r}; one of {sorted(VARIANTS)}")
   config = du2mce.get_config()
-  config.model.embed_dim = 256
+  config.model.embed_dim = 1024      # the paper's D
   config.model.text_filters = (128, 128, 128)
   config.batch_size = 200
-  config.num_epochs = 6
-  config.lr_decay_epochs = 4
+  config.num_epochs = 10
+  config.lr_decay_epochs = 7
   config.learning_rate = 1e-3
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
