@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import du2mce as du2mce_config
 from input_pipeline import embedded, loader, records
 from sempre_jax import losses, mesh as mesh_lib, train
-from sempre_jax.models import du2mce, encoders
+from sempre_jax.models import du2mce
 
 flags.DEFINE_list("modes", ["features", "pixels"], "Image inputs to benchmark.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (model.dtype).")
@@ -138,13 +138,13 @@ def time_steps(run, steps: int) -> float:
   return (time.perf_counter() - t) / steps
 
 
-def pipeline_rate(data_iter, mesh, seconds: float, stop: threading.Event | None = None):
-  """Posts/s from shards to sharded device arrays, for `seconds` or until `stop`."""
+def pipeline_rate(data_iter, seconds: float, stop: threading.Event | None = None):
+  """Posts/s from shards to batches on the devices (the training loop's feed,
+  image inputs gathered in the step), for `seconds` or until `stop`."""
   posts, t = 0, time.perf_counter()
   while time.perf_counter() - t < seconds and not (stop and stop.is_set()):
-    batch = mesh_lib.shard_batch(mesh, next(data_iter))
-    jax.block_until_ready(batch)
-    posts += len(batch["user"])
+    batch = jax.block_until_ready(next(data_iter))
+    posts += batch["posts"].shape[0]
   return posts / (time.perf_counter() - t)
 
 
@@ -169,14 +169,13 @@ def bench_mode(image_input: str, dtypes, data_dir: str, metadata: dict, peaks: d
                  "matmul_peak_gflop_per_s": peaks[dtype] / 1e9,
                  "mfu": flops * bs / step_s / peaks[dtype]})
 
-  data_iter = loader.train_iterator(
-      data_dir, metadata, batch_size=bs, image_input=image_input,
-      image_key=encoders.image_key(image_input), seed=0)
-  pipeline_rate(data_iter, mesh, 2.0)                       # warm up the prefetch
-  alone = pipeline_rate(data_iter, mesh, max(5.0, 3 * rows[0]["step_ms"] / 1e3))
+  data_iter = train.DeviceBatches(
+      loader.train_dataset(data_dir, metadata, batch_size=bs, seed=0), mesh)
+  pipeline_rate(data_iter, 2.0)                       # warm up the prefetch
+  alone = pipeline_rate(data_iter, max(5.0, 3 * rows[0]["step_ms"] / 1e3))
   stop, rates = threading.Event(), []
   worker = threading.Thread(target=lambda: rates.append(
-      pipeline_rate(data_iter, mesh, 1e9, stop)))
+      pipeline_rate(data_iter, 1e9, stop)))
   worker.start()
   shared_step_s = time_steps(runners[0].run, FLAGS.steps)
   stop.set()
