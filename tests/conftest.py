@@ -3,9 +3,18 @@ by the tests of the analysis tools (evaluate, export, interests, clusters, query
 
 import os
 import sys
+import tempfile
 
-import chex
-import pytest
+# One persistent compilation cache for every process of the run (the xdist workers
+# and the training subprocesses the tests start, which inherit the environment; set
+# before JAX is imported): a program many tests compile, such as a tiny train step,
+# is compiled once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"sempre-jax-tests-{os.getuid()}", "jit-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import chex  # noqa: E402  (after the cache settings: JAX reads them at import)
+import pytest  # noqa: E402
 
 # Before JAX initialises its backends; sets XLA_FLAGS, which subprocesses inherit.
 chex.set_n_cpu_devices(4)
