@@ -12,14 +12,12 @@ import sys
 from absl import app, flags, logging
 
 from input_pipeline import prepare
+from sempre_jax import cli
 
 _D = prepare.Options()
 flags.DEFINE_string("posts", None, "The posts: one JSON object a line.")
 flags.DEFINE_string("out", None, "Output directory (shards, metadata.json, report).")
-flags.DEFINE_string("id_field", _D.id_field, "Field of the post id.")
-flags.DEFINE_string("user_field", _D.user_field, "Field of the user id.")
-flags.DEFINE_list("text_fields", list(_D.text_fields), "Fields joined into the text.")
-flags.DEFINE_string("image_field", _D.image_field, "Field of the image path.")
+cli.define_crawl_flags(_D)
 flags.DEFINE_string("timestamp_field", _D.timestamp_field, "Field of the timestamp.")
 flags.DEFINE_string("interest_field", None, "Field whose values over a user's posts are "
                     "the user's interests (interests.txt, for launch/interests.py).")
