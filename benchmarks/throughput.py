@@ -3,10 +3,11 @@ the same step in PyTorch.
 
   python benchmarks/throughput.py [--modes=features,pixels]
       [--dtypes=float32,bfloat16] [--steps=10] [--peer=torch]
+      [--batch_size=1000] [--round_steps=1]
 
 For each mode (DU2MCE on frozen image features, or on pixels through the small
 CNN) and compute dtype at the paper's sizes (batch 1000, D = 1024, 40k users,
-20k words):
+20k words; --batch_size changes the global batch):
   - the train step's posts/s on all local devices, its model FLOPs per second
     and their ratio to the matmul peak of that dtype measured in the same run
     (MFU; bfloat16: bfloat16 operands summed in float32);
@@ -17,10 +18,13 @@ float32 and bfloat16 and of its plain PyTorch peer (benchmarks/torch_peer.py:
 eager float32, torch.compile float32, eager bfloat16 autocast) on the same
 batch from the same parameters: the loss of each on that batch (their
 difference to sempre-jax float32 shows they compute the same thing), then
-their steps interleaved round by round (each after a pause, so no one's
-spinning threads eat into the next), posts/s per implementation and the
-per-round ratios sempre-jax / peer (median and range).
-Prints tables and JSON lines. Runs unchanged on CPU, GPU or TPU (the peer: CPU).
+their steps interleaved round by round (each round `round_steps` steps after a
+pause, so no one's spinning threads eat into the next), posts/s per
+implementation and the per-round ratios sempre-jax / peer (median and range).
+Steps are dispatched back to back and the loss of the last one read, so a
+timing holds no host round trip per step.
+Prints tables and JSON lines. Runs unchanged on CPU, GPU or TPU (the peer on the
+GPU where JAX runs on one and torch sees CUDA, else on the CPU).
 """
 
 import inspect
@@ -47,13 +51,16 @@ flags.DEFINE_integer("users", 40_000, "Users (rows of the user table).")
 flags.DEFINE_integer("vocab", 20_000, "Words (rows of the word table).")
 flags.DEFINE_integer("image_size", 64, "Pixel side for the pixels mode.")
 flags.DEFINE_enum("peer", "", ["", "torch"], "Also time this framework's version of the step.")
+flags.DEFINE_integer("batch_size", 1000, "Global batch (the paper's: 1000).")
+flags.DEFINE_integer("round_steps", 1, "Steps per timed round of the peer comparison.")
+flags.DEFINE_integer("peak_size", 0, "Side of the peak matmul (0: 4096 on a CPU, else 8192).")
 FLAGS = flags.FLAGS
 
 
-def matmul_peak(dtype: str = "float32", n: int = 4096, reps: int = 10) -> float:
-  """Best FLOP/s of a jitted n x n matmul (of 3 timings), operands in `dtype`,
-  products summed in float32."""
-  a = jnp.ones((n, n), dtype)
+def matmul_peak(dtype: str, n: int, reps: int = 10) -> float:
+  """Best FLOP/s of a jitted n x n matmul (of 3 timings), random operands in
+  `dtype`, products summed in float32."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = 0.0
@@ -123,18 +130,20 @@ class JaxStep:
     self.batch = mesh_lib.shard_batch(mesh, batch)
     self.zero = zero_sums(self.state, self.batch)
 
-  def run(self) -> float:
-    """One step; returns the loss before its update."""
+  def run(self) -> jax.Array:
+    """Dispatches one step; returns the loss before its update (not yet read)."""
     self.state, sums = self.step(self.state, self.zero, self.batch)
-    return float(sums["loss"])
+    return sums["loss"]
 
 
 def time_steps(run, steps: int) -> float:
-  """Seconds per call of run() (after one untimed call)."""
-  run()
+  """Seconds per call of run(), `steps` calls back to back and the last loss
+  read (after one untimed call)."""
+  float(run())
   t = time.perf_counter()
   for _ in range(steps):
-    run()
+    loss = run()
+  float(loss)
   return (time.perf_counter() - t) / steps
 
 
@@ -153,7 +162,7 @@ def bench_mode(image_input: str, dtypes, data_dir: str, metadata: dict, peaks: d
   the first dtype's step runs."""
   config = du2mce_config.get_config()
   config.model.image_input = image_input
-  bs, mesh = config.batch_size, mesh_lib.make_mesh()
+  bs, mesh = FLAGS.batch_size, mesh_lib.make_mesh()
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, image_input, FLAGS.image_size,
                        np.random.default_rng(0))
   flops = model_flops_per_post(config, bs, FLAGS.image_size)
@@ -201,9 +210,10 @@ def compare_torch(steps: int) -> list:
   import torch_peer                                 # pylint: disable=import-outside-toplevel
 
   config = du2mce_config.get_config()
-  bs, mesh = config.batch_size, mesh_lib.make_mesh()
+  bs, mesh = FLAGS.batch_size, mesh_lib.make_mesh()
   batch = random_batch(bs, FLAGS.users, FLAGS.vocab, "features", 0, np.random.default_rng(0))
-  tbatch = torch_peer.to_torch(batch)
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  tbatch = torch_peer.to_torch(batch, device)
   directions = loss_directions(config)
   runs = {}
   for dtype in ("float32", "bfloat16"):
@@ -216,19 +226,20 @@ def compare_torch(steps: int) -> list:
   for name, kwargs in peers.items():
     model = torch_peer.DU2MCE(FLAGS.users, FLAGS.vocab, config.model.embed_dim,
                               config.model.word_dim, config.model.user_dim,
-                              config.model.text_widths, config.model.text_filters)
+                              config.model.text_widths, config.model.text_filters).to(device)
     trainer = torch_peer.Trainer(
         model.load_flax(params), learning_rate=config.learning_rate,
         lambdas=(config.loss.l1, config.loss.l2), margin=config.loss.margin,
         directions=directions, **kwargs)
-    runs[name] = lambda trainer=trainer: float(trainer.step(tbatch))
+    runs[name] = lambda trainer=trainer: trainer.step(tbatch)
 
-  print(f"\nPyTorch {torch.__version__} peer, {torch.get_num_threads()} threads; loss "
+  where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+  print(f"\nPyTorch {torch.__version__} peer, {where}; loss "
         f"directions {directions!r}; loss on one batch from the same parameters:", flush=True)
   first = {}
   for name, run in runs.items():
-    first[name] = run()                              # compiles; the loss before any update
-    run()                                            # torch.compile may compile again
+    first[name] = float(run())                       # compiles; the loss before any update
+    float(run())                                     # torch.compile may compile again
     print(f"  {name:<31} {first[name]:.6f}  (- sempre-jax float32: "
           f"{first[name] - first['sempre-jax float32']:+.2e})", flush=True)
   seconds = {name: [] for name in runs}
@@ -236,8 +247,10 @@ def compare_torch(steps: int) -> list:
     for name, run in runs.items():
       time.sleep(0.3)
       t = time.perf_counter()
-      run()
-      seconds[name].append(time.perf_counter() - t)
+      for _ in range(FLAGS.round_steps):
+        loss = run()
+      float(loss)
+      seconds[name].append((time.perf_counter() - t) / FLAGS.round_steps)
   rows = [{"impl": name, "loss": first[name], "step_ms": 1e3 * np.median(s),
            "step_ms_min": 1e3 * min(s), "step_ms_max": 1e3 * max(s),
            "posts_per_s": bs / np.median(s)} for name, s in seconds.items()]
@@ -259,7 +272,8 @@ def compare_torch(steps: int) -> list:
 def main(argv):
   del argv
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
-  peaks = {dtype: matmul_peak(dtype) for dtype in FLAGS.dtypes}
+  peak_n = FLAGS.peak_size or (4096 if jax.default_backend() == "cpu" else 8192)
+  peaks = {dtype: matmul_peak(dtype, peak_n) for dtype in FLAGS.dtypes}
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for mode in FLAGS.modes:
@@ -271,9 +285,9 @@ def main(argv):
       for r in bench_mode(mode, FLAGS.dtypes, data_dir, metadata, peaks):
         results.append(r)
         print(json.dumps(r), flush=True)
-  print("\nmatmul peak (4096^2, jit): " + ", ".join(
+  print(f"\nmatmul peak ({peak_n}^2, jit): " + ", ".join(
       f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
-        + f"; {FLAGS.users} users, {FLAGS.vocab} words, batch 1000, D 1024")
+        + f"; {FLAGS.users} users, {FLAGS.vocab} words, batch {FLAGS.batch_size}, D 1024")
   print(f"{'mode':<9} {'dtype':<9} {'step ms':>8} {'posts/s':>8} {'GFLOP/post':>10} "
         f"{'GFLOP/s':>8} {'MFU':>5} | {'pipeline posts/s':>16} {'x train':>7} "
         f"{'while training':>14}")

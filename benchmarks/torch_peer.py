@@ -7,8 +7,9 @@ Dense), the frozen-feature image tower (Dense F -> D), the user tower (table,
 Dense), each output L2-normalised in float32; the pairwise hinge loss of
 sempre_jax/losses.py with mining "all" (Eq. 1-4 of Sikka et al. 2019:
 sum over in-batch negatives, accidental hits and missing modalities masked);
-Adam. With `bfloat16=True` the towers run under CPU autocast and the loss stays
-float32, the same split as sempre-jax's model.dtype=bfloat16. Parameters can be
+Adam. With `bfloat16=True` the towers run under autocast (CPU or CUDA, where the
+model lives) and the loss stays float32, the same split as sempre-jax's
+model.dtype=bfloat16. Parameters can be
 copied from a sempre-jax parameter tree, so both compute the same loss on one
 batch. torch is an optional extra: pip install -e ".[torch]".
 """
@@ -107,9 +108,9 @@ def du2mce_loss(emb: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tenso
   return loss
 
 
-def to_torch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-  """A numpy batch of sempre-jax's layout -> torch tensors (masks as bool)."""
-  out = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+def to_torch(batch: Mapping[str, np.ndarray], device: str = "cpu") -> dict[str, torch.Tensor]:
+  """A numpy batch of sempre-jax's layout -> torch tensors on `device` (masks as bool)."""
+  out = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items()}
   out["text_mask"], out["image_mask"] = out["text_mask"].bool(), out["image_mask"].bool()
   return out
 
@@ -122,19 +123,20 @@ class Trainer:
                margin: float = 0.2, directions: str = "one", bfloat16: bool = False,
                compile: bool = False):
     self.model = model
+    self.device_type = next(model.parameters()).device.type     # "cpu" or "cuda"
     self.opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     self.bfloat16 = bfloat16
     self.loss_args = {"lambdas": lambdas, "margin": margin, "directions": directions}
     self.loss = torch.compile(self._loss) if compile else self._loss
 
   def _loss(self, batch):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
+    with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bfloat16):
       raw = self.model(batch)
     emb = {k: l2_normalize(v) for k, v in raw.items()}
     return du2mce_loss(emb, batch, **self.loss_args)
 
-  def step(self, batch) -> float:
-    """One Adam step on `batch`; returns the loss before the update."""
+  def step(self, batch) -> torch.Tensor:
+    """One Adam step on `batch`; returns the loss before the update (not synchronised)."""
     self.opt.zero_grad(set_to_none=True)
     loss = self.loss(batch)
     loss.backward()
