@@ -10,7 +10,6 @@ replicated when small, so a gather is local; split by rows over the devices
 when large, where a gather is a collective (`take_rows`).
 """
 
-import functools
 from collections.abc import Mapping
 
 import jax
@@ -31,23 +30,10 @@ def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
 
 
 def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
-  """This process's part of the batch -> global arrays split over the data axis.
-
-  One process: through a jitted identity, whose C++ argument path places NumPy
-  arrays for ~15 us of host time where jax.device_put's Python path takes
-  ~100 us (JAX 0.10, a 2-core CPU): the data feed's main cost per step.
-  """
-  if jax.process_count() == 1:
-    return _placer(mesh)(dict(local_batch))
+  """This process's part of the batch -> global arrays split over the data axis."""
   sharding = NamedSharding(mesh, P(AXIS))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), dict(local_batch))
-
-
-@functools.lru_cache(maxsize=8)
-def _placer(mesh: Mesh):
-  sharding = NamedSharding(mesh, P(AXIS))
-  return jax.jit(lambda batch: batch, in_shardings=sharding, out_shardings=sharding)
 
 
 def put_global(mesh: Mesh, tree, spec: P = P()):

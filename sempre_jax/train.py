@@ -10,14 +10,16 @@ psum of the per-device gradients: the gradient of the global-batch loss,
 identical to one device on the same batch.
 
 The loop never reads from the devices between log points: batches (a posts
-batch is its records' rows, ~100 bytes a post) are sharded onto the mesh
-ahead of time (a background prefetch of depth 2) and completed inside the
+batch is its records' rows, ~100 bytes a post) are parsed ahead (DeviceBatches)
+and completed inside the
 step (the frozen image inputs gathered by image id from tables placed on the
 mesh once, sempre_jax/data.py);
 metrics are summed on the devices and read every `log_every_steps`; a step
 whose loss or gradient is not finite changes nothing and raises a flag that
 the host reads at the next log or checkpoint step, where training stops
-naming the first bad step (the last checkpoint before it is kept); the data
+naming the first bad step (the last checkpoint before it is kept); a log
+line is printed once the next step is dispatched, so the devices do not wait
+for the host's printing and TensorBoard writes; the data
 iterator's position is taken only when a checkpoint is written; checkpoints
 are written asynchronously (sempre_jax/checkpoints.py). Steps are dispatched
 ahead of the devices, except on several CPU devices: there XLA runs every
@@ -31,13 +33,12 @@ and run every `every_steps`; the best checkpoint on `config.best` is the one
 the final evaluators rank (the paper's protocol).
 """
 
-import copy
+import collections
+import functools
 import json
 import os
-import queue
 import re
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,8 @@ import optax
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
+from tensorboardX import FileWriter, summary as tb_summary
+from tensorboardX.proto.summary_pb2 import Summary
 
 from sempre_jax import checkpoints as ckpt_lib, mesh as mesh_lib
 from sempre_jax.experiment import Experiment, Stage
@@ -117,7 +119,8 @@ def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> 
 
 def make_train_step(loss_fn, mesh: Mesh, seed: int = 0, feed=None):
   """(step, zero_sums): step(state, sums, global batch) -> (state, sums), a
-  jit(shard_map) over the mesh.
+  jit(shard_map) over the mesh. The global batch is arrays on the mesh, or
+  (one process) NumPy arrays, which the call places (its in_shardings).
 
   loss_fn(variables, local batch, rng) -> (this device's share of the global
   loss, psum'ed metrics, model-state updates); the dropout rng differs per
@@ -161,8 +164,10 @@ def make_train_step(loss_fn, mesh: Mesh, seed: int = 0, feed=None):
     return new, sums
 
   in_specs = (P(), P(), P(mesh_lib.AXIS), specs)
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), in_specs,
+                           is_leaf=lambda x: isinstance(x, P))
   compiled = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P())),
-                     donate_argnums=0)
+                     in_shardings=shardings, donate_argnums=0)
 
   def zero_sums(state, batch):
     metrics = jax.eval_shape(jax.shard_map(
@@ -208,6 +213,14 @@ class Progress:
     return scalars, line
 
 
+def write_scalars(writer: FileWriter, step: int, scalars: Mapping[str, float]) -> None:
+  """{tag: value} as one TensorBoard event at `step` (tensorboardX sends each
+  event through a multiprocessing queue, ~100 us an event whatever its size,
+  so a log point writes one, not one a scalar)."""
+  values = [v for tag, x in scalars.items() for v in tb_summary.scalar(tag, x).value]
+  writer.add_summary(Summary(value=values), step)
+
+
 def _tag(*parts: str) -> str:
   """A TensorBoard tag: "text->user (2+ posts)", "R@1" -> "text_to_user_2_posts", "R_at_1"."""
   clean = lambda p: re.sub(r"[^\w.]+", "_", p.replace("->", "_to_").replace("@", "_at_"))
@@ -249,59 +262,51 @@ class Preemption:
 # =================================================================== data ===
 
 class DeviceBatches:
-  """An iterator of global batches on the mesh, `depth` ahead of the loop: a
-  background thread takes this process's batches from `dataset` and shards
-  them over the data axis. get_state()/set_state() are those of the consumed
-  position. (A thread and a queue: grain's ThreadPrefetchIterDataset and map
-  took ~30 us more host time a batch, a tenth of a small step on a 2-core CPU.)"""
+  """An iterator of this process's batches in the form the step takes, `depth`
+  ahead of the loop, and their position (get_state()/set_state(): that of the
+  batches handed out).
+
+  Several processes: each batch becomes global arrays on the mesh, placed
+  `depth` steps ahead so that its transfer runs while the steps before it do.
+  One process: the rows stay NumPy arrays, placed by the step's own call
+  (make_train_step's in_shardings), since placing them separately costs
+  another dispatch a step (5-7% of a small step's host time on a 2-core CPU,
+  against 2% in the step's call; docs/scale.md). The host work is done in the
+  calling thread between dispatches: a producer thread cost more than the
+  work itself, the GIL passing back and forth once a batch."""
 
   def __init__(self, dataset: grain.IterDataset, mesh: Mesh, depth: int = 2):
-    self._source, self._mesh, self._depth = iter(dataset), mesh, depth
-    self._state, self._thread = self._source.get_state(), None
-
-  def _fill(self, batches: queue.Queue, stop: threading.Event) -> None:
-    try:
-      while not stop.is_set():
-        batch = mesh_lib.shard_batch(self._mesh, next(self._source))
-        batches.put((batch, copy.deepcopy(self._source.get_state()), None))
-    except Exception as e:  # pylint: disable=broad-except  (raised in the loop)
-      batches.put((None, None, e))
+    self._source, self._depth = iter(dataset), depth
+    self._place = (lambda rows: rows) if jax.process_count() == 1 else \
+        functools.partial(mesh_lib.shard_batch, mesh)
+    self._ahead = collections.deque()      # (batch, source state after it)
+    self._state = self._source.get_state()
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    if self._thread is None:
-      self._queue, self._stop = queue.Queue(self._depth), threading.Event()
-      self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop),
-                                      daemon=True)
-      self._thread.start()
-    batch, state, error = self._queue.get()
-    if error is not None:
-      self._thread = None
-      raise error
-    self._state = state
+    try:
+      while len(self._ahead) <= self._depth:
+        rows = next(self._source)
+        self._ahead.append((self._place(rows), self._source.get_state()))
+    except StopIteration:
+      if not self._ahead:
+        raise
+    batch, self._state = self._ahead.popleft()
     return batch
 
   def get_state(self) -> dict:
     return self._state
 
   def set_state(self, state: Mapping) -> None:
-    self.close()
+    self._ahead.clear()
     self._source.set_state(state)
     self._state = state
 
   def close(self) -> None:
-    """Stops the thread (the batches it made are dropped)."""
-    if self._thread is None:
-      return
-    self._stop.set()
-    while self._thread.is_alive():
-      try:
-        self._queue.get(timeout=0.01)      # a full queue blocks the thread's put
-      except queue.Empty:
-        pass
-    self._thread = None
+    """Drops the batches placed ahead."""
+    self._ahead.clear()
 
 
 # ================================================================ configs ===
@@ -370,8 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   data_iter = DeviceBatches(dataset, mesh)
   fresh_position = data_iter.get_state()
   first = next(data_iter)
-  example = exp.data.host_inputs(
-      jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[:1], first))
+  example = exp.data.host_inputs(jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)[:1], first))
   variables = exp.init_variables(jax.random.key(config.seed), example)
   stage_of = lambda step: next((i for i, s in enumerate(stages) if step <= s.end_step),
                                len(stages) - 1)
@@ -403,15 +408,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
           f"{config.batch_size} {exp.data.unit} on {n_dev} device(s), {n_proc} process(es); "
           f"data {data_dir}", flush=True)
 
-  writer = SummaryWriter(workdir) if lead else None
+  writer = FileWriter(workdir) if lead else None
   progress = Progress(start, total_steps, config.batch_size, exp.data.unit)
   # The loop's settings as plain values (a ConfigDict lookup costs microseconds).
   periodic = {n: config.evals[n].every_steps for n in evaluators if config.evals[n].every_steps}
   log_every, checkpoint_every = config.log_every_steps, config.checkpoint_every_steps
   selector = config.get("best")
   preemption = Preemption()
-  sums, last_saved = zeros, start or None
+  sums, last_saved, line = zeros, start or None, None
   one_in_flight = n_dev > 1 and jax.default_backend() == "cpu"     # see the module
+
+  def write(step: int, scalars: Mapping, line: str) -> None:
+    if lead:
+      print(line, flush=True)
+      write_scalars(writer, step, {f"train/{k}": v for k, v in scalars.items()})
+
   try:
     for step in range(start + 1, total_steps + 1):
       stage = stage_of(step)
@@ -420,6 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       state, sums = steps[stage](state, sums, next(data_iter))
       if one_in_flight:
         jax.block_until_ready(sums)
+      if line:               # the last log point's line, written while this step runs
+        write(*line)
+        line = None
       preempted = preemption.reached(step)
       due = [n for n, every in periodic.items() if step % every == 0 or step == total_steps]
       save = step % checkpoint_every == 0 or step == total_steps or preempted or selector in due
@@ -430,12 +444,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
               f"non-finite loss or gradient norm at step {int(host['first_bad'])}; stopped "
               f"before saving it. The last good checkpoint (step {last_saved}) is kept.")
         if step % log_every == 0 or step == total_steps:
-          scalars, line = progress.report(step, host)
+          line = (step, *progress.report(step, host))
           sums = zeros
-          if lead:
-            print(line, flush=True)
-            for k, v in scalars.items():
-              writer.add_scalar(f"train/{k}", v, step)
+          if save or due:
+            write(*line)
+            line = None
       score = None
       for name in due:
         results = evaluators[name].run(state.variables())
@@ -445,9 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
           with open(os.path.join(workdir, VALIDATION_LOG), "a") as f:
             f.write(json.dumps({"step": step, "evaluator": name, "score": value,
                                 "results": results}) + "\n")
-          writer.add_scalar(_tag(name, "selection_score"), value, step)
-          for key, v in evaluators[name].scalars(results).items():
-            writer.add_scalar(_tag(name, *key), v, step)
+          write_scalars(writer, step, {_tag(name, "selection_score"): value} | {
+              _tag(name, *key): v for key, v in evaluators[name].scalars(results).items()})
           best = ckpts.best_score()
           status = ("new best" if best is None or value <= best else
                     f"best {best:.4f} at step {ckpts.best_step()}") \
@@ -484,8 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     results[name] = evaluator.run(final.variables())
     report(name, evaluator, results[name], workdir)
     if lead:
-      for key, value in evaluator.scalars(results[name]).items():
-        writer.add_scalar(_tag(name, *key), value, total_steps)
+      write_scalars(writer, total_steps, {_tag(name, *key): value for key, value
+                                          in evaluator.scalars(results[name]).items()})
   if writer is not None:
     writer.close()
   return state, results

@@ -147,6 +147,23 @@ def _tree_digest(path) -> dict:
   return out
 
 
+def _tensorboard_scalars(workdir) -> dict:
+  """{tag: {step: value}} of every TensorBoard event file in `workdir`, read
+  from the record framing (u64 length, u32 crc, data, u32 crc)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    with open(os.path.join(workdir, name), "rb") as f:
+      while header := f.read(12):
+        event = event_pb2.Event.FromString(f.read(int.from_bytes(header[:8], "little")))
+        f.read(4)
+        for value in event.summary.value:
+          out.setdefault(value.tag, {})[event.step] = value.simple_value
+  return out
+
+
 def test_main_job_trains_evaluates_and_resumes(tmp_path):
   first = _run_main(tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -159,11 +176,18 @@ def test_main_job_trains_evaluates_and_resumes(tmp_path):
     assert oracle["median_rank"] <= model["median_rank"] or model["median_rank"] <= 2
     # Even a tiny run learns the planted structure: far better than chance.
     assert model["median_rank"] < 0.5 * model["random_median_rank"], (task, model)
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
-
   # Validation every 20 steps; the best score's state is kept and tested.
   log = [json.loads(line) for line in open(tmp_path / train.VALIDATION_LOG)]
   assert [v["step"] for v in log] == [20, 40, 60, 80, 100, 112]
+  # TensorBoard holds what the console and the validation log say.
+  scalars = _tensorboard_scalars(tmp_path)
+  printed = {int(m[1]): float(m[2]) for m in
+             re.finditer(r"step +(\d+)/112 \| loss ([\d.]+)", first.stdout)}
+  assert sorted(printed) == [*range(5, 112, 5), 112]
+  assert scalars["train/loss"].keys() == printed.keys()
+  for step, loss in printed.items():
+    assert abs(scalars["train/loss"][step] - loss) <= 5e-5, step
+  assert scalars["val/selection_score"] == pytest.approx({v["step"]: v["score"] for v in log})
   best = min(log, key=lambda v: (v["score"], -v["step"]))     # ties: the later step
   assert checkpoints.find_step(str(tmp_path), "best") == best["step"]
   again = subprocess.run([sys.executable, "launch/evaluate.py", f"--workdir={tmp_path}"],
