@@ -8,9 +8,10 @@ the posts with an image; their 2048-d float32 features go to the image table,
 not the records) in blocks of records.BLOCK_POSTS, places the feature table on
 this process's devices once (timed), then for each batch size times
   iterator  loader.train_dataset's batches on the host (read, CRC, shuffle);
-  to device the training loop's feed, train.DeviceBatches: the same batches
-            sharded over the mesh by the background prefetch, each made ready
-            (block_until_ready) before the next is taken.
+  to device the training loop's feed, train.DeviceBatches, its batches placed
+            on the mesh as the train step's call places them (a jit's
+            in_shardings), each made ready (block_until_ready) before the
+            next is taken.
 A paper-size DU2MCE step costs 0.141 GFLOP a post (forward + backward), so an
 H100 at 40% of its ~1 PFLOP/s bf16 peak consumes 400e12 / 0.141e9 = 2.8M
 posts/s; that rate is printed beside each measurement. Prints a table and a
@@ -25,6 +26,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import loader, records
 from sempre_jax import data, mesh as mesh_lib, train
@@ -90,7 +92,9 @@ def main(argv):
       dataset = loader.train_dataset(d, meta, batch_size=b, seed=0)
       host = rate(iter(dataset), b, FLAGS.seconds)
       fed = train.DeviceBatches(dataset, mesh)
-      device = rate(fed, b, FLAGS.seconds, jax.block_until_ready)
+      sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
+      place = jax.jit(lambda batch: batch, in_shardings=sharding, out_shardings=sharding)
+      device = rate(map(place, fed), b, FLAGS.seconds, jax.block_until_ready)
       fed.close()
       out.append({"batch_size": b, "iterator_posts_per_s": round(host),
                   "to_device_posts_per_s": round(device)})
