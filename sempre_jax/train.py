@@ -269,11 +269,11 @@ class DeviceBatches:
   Several processes: each batch becomes global arrays on the mesh, placed
   `depth` steps ahead so that its transfer runs while the steps before it do.
   One process: the rows stay NumPy arrays, placed by the step's own call
-  (make_train_step's in_shardings), since placing them separately costs
-  another dispatch a step (5-7% of a small step's host time on a 2-core CPU,
-  against 2% in the step's call; docs/scale.md). The host work is done in the
-  calling thread between dispatches: a producer thread cost more than the
-  work itself, the GIL passing back and forth once a batch."""
+  (make_train_step's in_shardings), since placing them separately is a
+  second dispatch a step. The host work is done in the calling thread between
+  dispatches: a producer thread cost more than the work itself, the GIL
+  passing back and forth once a batch (benchmarks/host_overhead.py,
+  docs/scale.md)."""
 
   def __init__(self, dataset: grain.IterDataset, mesh: Mesh, depth: int = 2):
     self._source, self._depth = iter(dataset), depth
