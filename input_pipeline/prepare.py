@@ -86,13 +86,12 @@ REPORT_FILE = "prepare_report.json"
 FEATURES_FILE = "image_features.npz"   # written with image_encoder
 EXAMPLES = 5
 MIN_HELD_OUT = 50   # fewer held-out posts or images than this: a warning
-# Problems that drop a post or part of it (fatal with --strict); others are notes.
+# Problems that drop a post or part of it (fatal with --strict); the others are notes:
+# non_rgb_image, empty_text_after_cleaning, nothing_left_after_cleaning, bad_timestamp.
 ERRORS = ("invalid_utf8", "malformed_json", "missing_post_id", "missing_user_id",
           "bad_split", "no_text_no_image", "duplicate_post_id", "corrupt_image",
           "truncated_image", "image_too_large", "image_outside_corpus", "image_missing",
           "image_features_missing")
-NOTES = ("non_rgb_image", "empty_text_after_cleaning", "nothing_left_after_cleaning",
-         "bad_timestamp")
 # Problems of the actions and follows files that skip a line (fatal with --strict); the
 # notes duplicate_action and duplicate_follow skip a repeat.
 INTERACTION_ERRORS = ("invalid_utf8", "malformed_json", "missing_user_id", "missing_post_id",

@@ -34,7 +34,6 @@ planted model's posterior) is ranked the same way beside the model.
 """
 
 import functools
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -407,11 +406,6 @@ def format_table(results: Mapping) -> str:
                + (f" (oracle {results['oracle']['joint']['normalised_median_rank']:.4f})"
                   if has_oracle else ""))
   return "\n".join(lines)
-
-
-def write_results(results: Mapping, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
 
 
 # ---------------------------------------------------------------- registry --
