@@ -415,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
   log_every, checkpoint_every = config.log_every_steps, config.checkpoint_every_steps
   selector = config.get("best")
   preemption = Preemption()
-  sums, last_saved, line = zeros, start or None, None
+  sums, last_saved, pending = zeros, start or None, None
   one_in_flight = n_dev > 1 and jax.default_backend() == "cpu"     # see the module
 
   def write(step: int, scalars: Mapping, line: str) -> None:
@@ -431,9 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       state, sums = steps[stage](state, sums, next(data_iter))
       if one_in_flight:
         jax.block_until_ready(sums)
-      if line:               # the last log point's line, written while this step runs
-        write(*line)
-        line = None
+      if pending:            # the last log point's line, written while this step runs
+        write(*pending)
+        pending = None
       preempted = preemption.reached(step)
       due = [n for n, every in periodic.items() if step % every == 0 or step == total_steps]
       save = step % checkpoint_every == 0 or step == total_steps or preempted or selector in due
@@ -444,11 +444,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
               f"non-finite loss or gradient norm at step {int(host['first_bad'])}; stopped "
               f"before saving it. The last good checkpoint (step {last_saved}) is kept.")
         if step % log_every == 0 or step == total_steps:
-          line = (step, *progress.report(step, host))
+          pending = (step, *progress.report(step, host))
           sums = zeros
           if save or due:
-            write(*line)
-            line = None
+            write(*pending)
+            pending = None
       score = None
       for name in due:
         results = evaluators[name].run(state.variables())
