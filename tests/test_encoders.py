@@ -93,6 +93,34 @@ def test_dense_equals_flax_dense_and_keeps_its_parameters():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
 
 
+def test_pixel_conv_equals_flax_conv_and_keeps_its_parameters():
+  """The unfolded-window 3x3 convolution: flax's nn.Conv (SAME) in float32,
+  forward and gradients; in bfloat16, float32 on bfloat16-rounded operands."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+  ours, ref = encoders.Conv(6), nn.Conv(6, (3, 3))
+  params = ours.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.key(0), x))
+  params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32), params)
+  out = jax.jit(ours.apply)(params, x)
+  assert out.dtype == jnp.float32 and out.shape == (2, 5, 4, 6)
+  np.testing.assert_allclose(out, ref.apply(params, x), atol=1e-5)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  g = jax.grad(loss(ours.apply), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(loss(ref.apply), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, g_ref)
+
+  rounded = lambda t: jax.tree.map(lambda a: a.astype(BF16).astype(jnp.float32), t)
+  bf16 = ours.clone(dtype=BF16)
+  kernel_rounded = {"params": {**params["params"], "kernel": rounded(params["params"]["kernel"])}}
+  np.testing.assert_allclose(jax.jit(bf16.apply)(params, x),
+                             ref.apply(kernel_rounded, rounded(x)), atol=1e-5)
+  g = jax.grad(loss(bf16.apply))(params, x)
+  g_ref = jax.grad(loss(ref.apply))(kernel_rounded, rounded(x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max()),
+               g, g_ref)
+
+
 class _FlaxKimCNN(nn.Module):
   """The text encoder written with flax's layers (the reference)."""
   vocab_size: int
@@ -130,6 +158,15 @@ def test_text_encoder_keeps_flax_parameter_tree_and_outputs():
                              atol=1e-6)
 
 
+def _equations(jaxpr, primitive: str):
+  """The equations of `primitive` in jaxpr and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _equations(sub, primitive)
+
+
 def test_bfloat16_towers_take_only_bfloat16_products():
   """Every product of the text tower and a projection, forward and backward,
   has bfloat16 operands and a float32 result."""
@@ -139,16 +176,23 @@ def test_bfloat16_towers_take_only_bfloat16_products():
   model = encoders.KimCNNTextEncoder(30, 6, word_dim=10, filters=(8, 4, 4), dtype=BF16)
   params = model.init(jax.random.key(0), tokens, mask)
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, tokens, mask) ** 3)))(params)
-
-  def dots(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        yield eqn
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from dots(sub)
-
-  found = list(dots(jaxpr.jaxpr))
+  found = list(_equations(jaxpr.jaxpr, "dot_general"))
   assert len(found) == 3 + 3 + 4 + 3     # widths x (forward, dW), dX per shift, the Dense
+  for eqn in found:
+    assert [v.aval.dtype for v in eqn.invars] == [BF16, BF16], eqn
+    assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+
+
+def test_bfloat16_pixel_tower_takes_only_bfloat16_products():
+  """The pixel CNN in bfloat16 on CPU: no convolution left, every product
+  (3 layers x forward, dX, dW; the Dense's three) bfloat16 x bfloat16 -> float32."""
+  pixels = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3)), jnp.uint8)
+  model = encoders.PixelImageEncoder(6, channels=(4, 5, 6), dtype=BF16)
+  params = model.init(jax.random.key(0), pixels)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, pixels) ** 3)))(params)
+  assert not list(_equations(jaxpr.jaxpr, "conv_general_dilated"))
+  found = list(_equations(jaxpr.jaxpr, "dot_general"))
+  assert len(found) == 3 * 3 + 3
   for eqn in found:
     assert [v.aval.dtype for v in eqn.invars] == [BF16, BF16], eqn
     assert eqn.outvars[0].aval.dtype == jnp.float32, eqn

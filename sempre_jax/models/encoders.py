@@ -5,9 +5,9 @@ product is the cosine similarity of the DU2MCE loss. `dtype` is the compute
 dtype (bfloat16 for mixed precision); parameters stay float32 and every output
 is normalised and returned in float32, so the loss is computed in float32.
 
-On CPU with a dtype narrower than float32 (`uses_dots`), the text
+On CPU with a dtype narrower than float32 (`uses_dots`), the text and pixel
 convolutions and the projections are matrix products of operands rounded to
-`dtype`, summed in float32 (`kim_conv_max`, `Dense`), forward and backward:
+`dtype`, summed in float32 (`kim_conv_max`, `Conv`, `Dense`), forward and backward:
 CPUs with bfloat16 dot instructions (avx512_bf16, through XLA:CPU's YNNPACK
 kernels) run those up to 3x faster than float32, while XLA:CPU's bfloat16
 convolutions and bfloat16-output dots run slower than float32. Those kernels
@@ -221,6 +221,29 @@ def image_key(image_input: str) -> str:
   return "image_features" if check_image_input(image_input) == "features" else "image"
 
 
+class Conv(nn.Module):
+  """x [B, H, W, C] -> a size x size convolution, SAME padding, + bias
+  [B, H, W, N] in float32, as one `matmul` of the unfolded windows
+  [B * H * W, size * size * C] (ordered row, column, channel) by the kernel in
+  `dtype`; parameters as flax's nn.Conv (kernel [size, size, C, N], bias [N])."""
+  features: int
+  size: int = 3
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, c = x.shape
+    k = self.size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    x = x.astype(self.dtype)
+    padded = jnp.pad(x, ((0, 0), (k // 2, (k - 1) // 2), (k // 2, (k - 1) // 2), (0, 0)))
+    windows = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(k) for j in range(k)],
+                              axis=-1)
+    y = matmul(windows.reshape(-1, k * k * c), _varying_like(kernel.reshape(k * k * c, -1), x))
+    return y.reshape(b, h, w, self.features) + bias
+
+
 class ConvNet(nn.Module):
   """Pixels uint8 [B, H, W, 3] -> conv 3x3 + ReLU per entry of `channels`, a
   2x2 max-pool after the layers listed in `pool_after`, global mean pool:
@@ -233,7 +256,9 @@ class ConvNet(nn.Module):
   def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
     x = pixels.astype(self.dtype) / 127.5 - 1.0
     for i, c in enumerate(self.channels):
-      x = nn.relu(nn.Conv(c, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+      conv = Conv(c, 3, self.dtype, name=f"conv{i}") if uses_dots(self.dtype) else \
+          nn.Conv(c, (3, 3), dtype=self.dtype, name=f"conv{i}")
+      x = nn.relu(conv(x).astype(self.dtype))
       if i in self.pool_after:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     return jnp.mean(x, axis=(1, 2))
