@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import du2mce
+from input_pipeline import records
 from sempre_jax import checkpoints, mesh as mesh_lib, train
 from sempre_jax.experiment import Experiment
 from sempre_jax.models import du2mce as du2mce_model
@@ -148,19 +149,24 @@ def _tree_digest(path) -> dict:
 
 
 def _tensorboard_scalars(workdir) -> dict:
-  """{tag: {step: value}} of every TensorBoard event file in `workdir`, read
-  from the record framing (u64 length, u32 crc, data, u32 crc)."""
+  """{tag: {step: value}} of every TensorBoard event file in `workdir` (TFRecord
+  frames, read and CRC-checked by records.read_framed)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   out = {}
   for name in os.listdir(workdir):
     if not name.startswith("events.out.tfevents"):
       continue
-    with open(os.path.join(workdir, name), "rb") as f:
-      while header := f.read(12):
-        event = event_pb2.Event.FromString(f.read(int.from_bytes(header[:8], "little")))
-        f.read(4)
+    path = os.path.join(workdir, name)
+    fd, offset, index = os.open(path, os.O_RDONLY), 0, 0
+    try:
+      while offset < os.path.getsize(path):
+        payload = records.read_framed(fd, offset, path, index)
+        offset, index = offset + 16 + len(payload), index + 1
+        event = event_pb2.Event.FromString(payload)
         for value in event.summary.value:
           out.setdefault(value.tag, {})[event.step] = value.simple_value
+    finally:
+      os.close(fd)
   return out
 
 
